@@ -1,0 +1,79 @@
+"""Content-defined chunking of one byte stream with FastCDC (v2020, as the reference).
+
+The cut points fix which blobs exist, so they are frozen by golden tests against the
+reference's own values; the work itself happens in pyfastcdc's compiled code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyfastcdc
+
+from puzzlefs.errors import UsageError
+
+__all__ = ["DEFAULT_PARAMS", "ChunkParams", "Readable", "chunk_stream"]
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkParams:
+    """FastCDC sizes in bytes. Any values give a readable image; they only decide which
+    blobs exist, so builds on a base reuse the base's values."""
+
+    min: int = 16 * 1024
+    avg: int = 64 * 1024
+    max: int = 256 * 1024
+    normalization: int = 1
+
+    def __post_init__(self) -> None:
+        if not (64 <= self.min <= self.avg <= self.max):
+            raise UsageError(f"chunk sizes must satisfy 64 <= MIN <= AVG <= MAX: {self}")
+        if self.avg & (self.avg - 1):
+            raise UsageError(f"the average chunk size must be a power of two: {self.avg}")
+        if self.max > 16 * 1024 * 1024 or self.avg < 256 or self.max < 1024:
+            raise UsageError(f"chunk sizes out of range: {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> ChunkParams:
+        """Parse ``MIN:AVG:MAX`` with optional K/M suffixes, e.g. ``16K:64K:256K``."""
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise UsageError(f"chunk sizes must be MIN:AVG:MAX, got {text!r}")
+        return cls(*(_parse_size(p) for p in parts))
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.avg}:{self.max}"
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KkMm]?)(?:i?B)?", text.strip())
+    if not m:
+        raise UsageError(f"not a size: {text!r}")
+    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    return int(m.group(1)) * scale
+
+
+DEFAULT_PARAMS = ChunkParams()
+
+
+def chunk_stream(stream: Readable, params: ChunkParams = DEFAULT_PARAMS) -> Iterator[memoryview]:
+    """Yield the chunks of ``stream`` in order.
+
+    Each memoryview is only valid until the next one is requested (pyfastcdc reuses its
+    buffer): copy it if it must outlive the iteration step.
+    """
+    cdc = pyfastcdc.FastCDC(
+        params.avg,
+        min_size=params.min,
+        max_size=params.max,
+        normalized_chunking=params.normalization,
+    )
+    for chunk in cdc.cut_stream(stream):
+        yield chunk.data

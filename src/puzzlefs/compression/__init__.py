@@ -1,0 +1,22 @@
+"""Chunk compression: raw, or the zstd seekable format of FORMAT.md §4.
+
+A compressed chunk is a run of independent zstd frames, each holding up to one frame
+size (4096 bytes by default) of the chunk, then a skippable frame with a seek table, so
+a reader can decompress just the frames that cover the bytes it wants.
+"""
+
+from puzzlefs.compression._seekable import (
+    DEFAULT_FRAME_SIZE,
+    SeekableBlob,
+    compress_chunk,
+    compress_seekable,
+    decompress_all,
+)
+
+__all__ = [
+    "DEFAULT_FRAME_SIZE",
+    "SeekableBlob",
+    "compress_chunk",
+    "compress_seekable",
+    "decompress_all",
+]

@@ -1,0 +1,159 @@
+"""The zstd seekable format, byte-compatible with the reference writer.
+
+The frames must be produced by a streaming compressor that is not told the input size:
+zstd tunes its parameters to a known size, which would give other bytes than the
+reference (and so other blob digests, and no de-duplication against its images).
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import threading
+from itertools import accumulate
+
+import zstandard
+
+from puzzlefs.errors import ImageError
+
+DEFAULT_FRAME_SIZE = 4096
+LEVEL = 3
+
+SKIPPABLE_MAGIC = 0x184D2A5E
+SEEKABLE_MAGIC = 0x8F92EAB1
+_FOOTER = struct.Struct("<IBI")  # number_of_frames, descriptor, magic
+_SKIP_HEADER = struct.Struct("<II")  # magic, frame length
+_CHECKSUM_FLAG = 0x80
+# A frame may not claim to expand to more than this: hostile seek tables must not make
+# us allocate gigabytes. The reference writes 4 KiB frames; 16 MiB leaves room.
+MAX_FRAME_DECOMPRESSED = 16 * 1024 * 1024
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # A ZstdCompressor is not thread-safe; one per thread, reused across frames (a
+    # fresh compressobj() resets it, and gives the same bytes as a new compressor).
+    c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
+    if c is None:
+        c = zstandard.ZstdCompressor(level=LEVEL, write_content_size=False)
+        _local.cctx = c
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if d is None:
+        d = zstandard.ZstdDecompressor()
+        _local.dctx = d
+    return d
+
+
+def compress_seekable(data: bytes | memoryview, frame_size: int = DEFAULT_FRAME_SIZE) -> bytes:
+    """Compress ``data`` into the seekable format (always; see compress_chunk)."""
+    cctx = _compressor()
+    mv = memoryview(data)
+    frames: list[bytes] = []
+    table = bytearray()
+    for start in range(0, len(mv), frame_size):
+        piece = mv[start : start + frame_size]
+        cobj = cctx.compressobj()
+        frame = cobj.compress(piece) + cobj.flush()
+        frames.append(frame)
+        table += struct.pack("<II", len(frame), len(piece))
+    table += _FOOTER.pack(len(frames), 0, SEEKABLE_MAGIC)
+    frames.append(_SKIP_HEADER.pack(SKIPPABLE_MAGIC, len(table)))
+    frames.append(bytes(table))
+    return b"".join(frames)
+
+
+def compress_chunk(
+    data: bytes | memoryview, frame_size: int = DEFAULT_FRAME_SIZE
+) -> tuple[bytes, bool]:
+    """Return ``(stored_bytes, compressed)``: the seekable blob, or the raw chunk when
+    compression does not make it smaller (as the reference does)."""
+    blob = compress_seekable(data, frame_size)
+    if len(blob) < len(data):
+        return blob, True
+    return bytes(data), False
+
+
+class SeekableBlob:
+    """Random access into one compressed chunk. Parses the seek table once; each read
+    decompresses only the frames that cover the requested range."""
+
+    __slots__ = ("_blob", "_comp_starts", "_decomp_starts", "_frames", "size")
+
+    def __init__(self, blob: bytes | memoryview) -> None:
+        self._blob = memoryview(blob)
+        sizes = _parse_seek_table(self._blob)
+        self._frames = sizes
+        self._comp_starts = [0, *accumulate(c for c, _ in sizes)]
+        self._decomp_starts = [0, *accumulate(d for _, d in sizes)]
+        self.size = self._decomp_starts[-1]
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of the decompressed chunk (short at its end)."""
+        end = min(offset + size, self.size)
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        if offset >= end:
+            return b""
+        first = bisect.bisect_right(self._decomp_starts, offset) - 1
+        last = bisect.bisect_left(self._decomp_starts, end) - 1
+        parts = [self._frame(i) for i in range(first, last + 1)]
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        base = self._decomp_starts[first]
+        return data[offset - base : end - base]
+
+    def read_all(self) -> bytes:
+        return self.read(0, self.size)
+
+    def _frame(self, i: int) -> bytes:
+        start, stop = self._comp_starts[i], self._comp_starts[i + 1]
+        expected = self._frames[i][1]
+        try:
+            out = _decompressor().decompress(
+                self._blob[start:stop], max_output_size=max(expected, 1)
+            )
+        except zstandard.ZstdError as e:
+            raise ImageError(f"corrupt zstd frame {i} in compressed chunk: {e}") from None
+        if len(out) != expected:
+            raise ImageError(
+                f"compressed chunk frame {i}: expected {expected} bytes, decompressed {len(out)}"
+            )
+        return out
+
+
+def decompress_all(blob: bytes | memoryview) -> bytes:
+    return SeekableBlob(blob).read_all()
+
+
+def _parse_seek_table(blob: memoryview) -> list[tuple[int, int]]:
+    """Return ``[(compressed_size, decompressed_size), ...]`` after checking that the
+    table describes the blob exactly."""
+    n = len(blob)
+    if n < _FOOTER.size + _SKIP_HEADER.size:
+        raise ImageError("compressed chunk too short for a seek table")
+    nframes, descriptor, magic = _FOOTER.unpack_from(blob, n - _FOOTER.size)
+    if magic != SEEKABLE_MAGIC:
+        raise ImageError("compressed chunk has no zstd seek table")
+    if descriptor & 0x7C:
+        raise ImageError(f"unsupported seek table descriptor {descriptor:#x}")
+    entry = 12 if descriptor & _CHECKSUM_FLAG else 8
+    table_len = nframes * entry + _FOOTER.size
+    skip_start = n - table_len - _SKIP_HEADER.size
+    if skip_start < 0:
+        raise ImageError("seek table longer than its compressed chunk")
+    smagic, slen = _SKIP_HEADER.unpack_from(blob, skip_start)
+    if smagic != SKIPPABLE_MAGIC or slen != table_len:
+        raise ImageError("malformed seek table frame")
+    fmt = struct.Struct("<II" if entry == 8 else "<III")
+    sizes = [
+        (vals[0], vals[1]) for vals in fmt.iter_unpack(blob[skip_start + 8 : n - _FOOTER.size])
+    ]
+    if sum(c for c, _ in sizes) != skip_start:
+        raise ImageError("seek table does not match the compressed chunk's length")
+    if any(d > MAX_FRAME_DECOMPRESSED for _, d in sizes):
+        raise ImageError("seek table claims an oversized frame")
+    return sizes
