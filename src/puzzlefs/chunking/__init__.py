@@ -73,7 +73,7 @@ def chunk_stream(stream: Readable, params: ChunkParams = DEFAULT_PARAMS) -> Iter
         params.avg,
         min_size=params.min,
         max_size=params.max,
-        normalized_chunking=params.normalization,
+        normalized_chunking=params.normalization,  # type: ignore[arg-type]
     )
     for chunk in cdc.cut_stream(stream):
         yield chunk.data

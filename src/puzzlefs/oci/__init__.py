@@ -3,18 +3,18 @@ index.json with one descriptor per tag, and the image manifests."""
 
 from puzzlefs.oci._json import canonical_json
 from puzzlefs.oci.layout import (
-    ImageLayout,
-    Descriptor,
-    Manifest,
-    parse_image_ref,
-    MEDIA_TYPE_MANIFEST,
-    MEDIA_TYPE_EMPTY,
-    MEDIA_TYPE_ROOTFS,
-    MEDIA_TYPE_CHUNK,
-    MEDIA_TYPE_CHUNK_ZSTD,
     ANNOTATION_REF_NAME,
     ANNOTATION_VERITY_ROOT,
     EMPTY_CONFIG,
+    MEDIA_TYPE_CHUNK,
+    MEDIA_TYPE_CHUNK_ZSTD,
+    MEDIA_TYPE_EMPTY,
+    MEDIA_TYPE_MANIFEST,
+    MEDIA_TYPE_ROOTFS,
+    Descriptor,
+    ImageLayout,
+    Manifest,
+    parse_image_ref,
 )
 from puzzlefs.oci.store import BlobStore, DiskBlobStore, MemoryBlobStore
 

@@ -85,7 +85,18 @@ class Descriptor:
         return cls(media_type, digest, size, dict(annotations), obj.get("platform"), data)
 
 
-EMPTY_CONFIG = Descriptor(MEDIA_TYPE_EMPTY, Digest.of(EMPTY_CONFIG_BYTES), len(EMPTY_CONFIG_BYTES))
+# As newer reference versions write it: the empty blob, also inlined as base64 data.
+EMPTY_CONFIG = Descriptor(
+    MEDIA_TYPE_EMPTY, Digest.of(EMPTY_CONFIG_BYTES), len(EMPTY_CONFIG_BYTES), data="e30="
+)
+
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "armv7l": "arm"}
+
+
+def host_architecture() -> str:
+    """The builder's architecture in Go's names, as the reference writes it."""
+    machine = os.uname().machine
+    return _GOARCH.get(machine, machine)
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,7 @@ class Manifest:
         obj: dict[str, Any] = {
             "config": self.config.to_json(),
             "layers": [d.to_json() for d in self.layers],
+            "mediaType": MEDIA_TYPE_MANIFEST,
             "schemaVersion": 2,
         }
         if self.annotations:
@@ -168,7 +180,9 @@ class ImageLayout:
         try:
             layout = _load_json(layout_file.read_bytes(), f"{layout_file}")
         except FileNotFoundError:
-            raise NotAnOCILayout(f"{self.path} is not an OCI image layout (no oci-layout)") from None
+            raise NotAnOCILayout(
+                f"{self.path} is not an OCI image layout (no oci-layout)"
+            ) from None
         if not isinstance(layout.get("imageLayoutVersion"), str):
             raise NotAnOCILayout(f"{layout_file}: no imageLayoutVersion")
         self.blobs = DiskBlobStore(self.path / "blobs" / "sha256")
@@ -212,10 +226,13 @@ class ImageLayout:
             )
         return desc, data, Manifest.from_bytes(data, f"manifest of {tag!r}")
 
-    def set_tag(self, tag: str, manifest_digest: Digest, manifest_size: int) -> None:
+    def set_tag(
+        self, tag: str, manifest_digest: Digest, manifest_size: int, *, lock: bool = True
+    ) -> None:
         """Point ``tag`` at a manifest (already stored): drop any old descriptor with
-        that tag and append the new one, then replace index.json atomically."""
-        with self.locked():
+        that tag and append the new one, then replace index.json atomically. ``lock``
+        is False when the caller already holds the layout's lock."""
+        with self.locked() if lock else contextlib.nullcontext():
             self.blobs.sync()
             index = self.read_index()
             manifests = [
@@ -232,7 +249,7 @@ class ImageLayout:
                 manifest_digest,
                 manifest_size,
                 {ANNOTATION_REF_NAME: tag},
-                {"architecture": "amd64", "os": "linux"},
+                {"architecture": host_architecture(), "os": "linux"},
             )
             manifests.append(desc.to_json())
             index["manifests"] = manifests

@@ -51,7 +51,7 @@ class BlobStore(ABC):
                 raise DigestMismatch(f"blob {digest.hex}", digest.hex, actual)
         return data
 
-    def sync(self) -> None:
+    def sync(self) -> None:  # noqa: B027 - memory stores have nothing to flush
         """Make every stored blob durable."""
 
     def path(self, digest: Digest) -> Path | None:

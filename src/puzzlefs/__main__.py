@@ -1,0 +1,5 @@
+import sys
+
+from puzzlefs.cli import main
+
+sys.exit(main())

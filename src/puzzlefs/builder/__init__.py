@@ -1,0 +1,297 @@
+"""Build a PuzzleFS image from a directory tree.
+
+Pipeline: walk (canonical order) -> one FastCDC stream over all file contents -> each
+chunk hashed, optionally compressed, fs-verity-digested and stored by a small thread
+pool (hashlib, zstd and the verity hashing release the GIL, so both cores work) ->
+Cap'n Proto metadata -> OCI manifest -> tag. Results are consumed in chunk order, so
+the output never depends on the number of workers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from puzzlefs.builder.stream import ChunkMapper, FileStream
+from puzzlefs.builder.walk import Node, Tree, iter_regular, walk
+from puzzlefs.chunking import DEFAULT_PARAMS, ChunkParams, chunk_stream
+from puzzlefs.compression import compress_chunk
+from puzzlefs.digest import Digest
+from puzzlefs.errors import BuildError
+from puzzlefs.format import (
+    BlobRef,
+    DirEntry,
+    FileChunk,
+    Ino,
+    Inode,
+    Kind,
+    Rootfs,
+    encode_rootfs,
+)
+from puzzlefs.oci import (
+    ANNOTATION_VERITY_ROOT,
+    EMPTY_CONFIG,
+    MEDIA_TYPE_CHUNK,
+    MEDIA_TYPE_CHUNK_ZSTD,
+    MEDIA_TYPE_MANIFEST,
+    MEDIA_TYPE_ROOTFS,
+    BlobStore,
+    Descriptor,
+    ImageLayout,
+    Manifest,
+)
+from puzzlefs.oci.layout import EMPTY_CONFIG_BYTES
+from puzzlefs.progress import Progress
+from puzzlefs.verity import fsverity_digest
+
+__all__ = ["BuildResult", "StoredChunk", "build", "build_rootfs"]
+
+# Chunks in flight between the chunker and the workers: bounds memory (each is at most
+# the max chunk size) while keeping both cores busy.
+_MAX_IN_FLIGHT = 32
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    digest: bytes  # raw sha256 of the stored bytes
+    verity: bytes  # fs-verity digest of the stored bytes
+    size: int  # stored size
+    compressed: bool
+    new: bool  # written by this build (not already in the store)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: Descriptor
+    manifest_verity: str  # hex: what `mount --digest` takes
+    rootfs: Descriptor
+    chunks: int
+    new_chunks: int
+    data_bytes: int
+
+
+def _store_chunk(store: BlobStore, data: bytes, compress: bool) -> StoredChunk:
+    if compress:
+        stored, compressed = compress_chunk(data)
+    else:
+        stored, compressed = data, False
+    digest = Digest.of(stored)
+    new = store.put_verified(digest, stored)
+    return StoredChunk(digest.raw, fsverity_digest(stored), len(stored), compressed, new)
+
+
+def build_rootfs(
+    tree: Tree,
+    store: BlobStore,
+    *,
+    compress: bool = False,
+    params: ChunkParams = DEFAULT_PARAMS,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    on_new_blob: Callable[[bytes], None] | None = None,
+) -> tuple[list[Inode], list[StoredChunk]]:
+    """Chunk and store all file data of ``tree``; return its inodes (one layer, in ino
+    order) and the chunks in stream order."""
+    files: dict[Ino, list[FileChunk]] = {}
+    chunks: list[StoredChunk] = []
+    regular = [(n.ino, n.path) for n in iter_regular(tree)]
+    stream = FileStream(
+        ((ino, path) for ino, path in regular),
+        on_file=(lambda n: progress.add("files")) if progress else None,
+    )
+    mapper = ChunkMapper(stream.spans)
+    pending: deque[tuple[Future[StoredChunk], list[tuple[Ino, int, int]]]] = deque()
+
+    def settle() -> None:
+        future, pieces = pending.popleft()
+        sc = future.result()
+        chunks.append(sc)
+        if sc.new and on_new_blob:
+            on_new_blob(sc.digest)
+        ref_offsets = BlobRef(sc.digest, 0, sc.compressed)
+        for ino, offset, length in pieces:
+            ref = ref_offsets if offset == 0 else BlobRef(sc.digest, offset, sc.compressed)
+            files.setdefault(ino, []).append(FileChunk(ref, length))
+        if progress:
+            progress.add("chunks")
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        try:
+            for view in chunk_stream(stream, params):
+                data = bytes(view)
+                pieces = mapper.map(len(data))
+                pending.append((pool.submit(_store_chunk, store, data, compress), pieces))
+                if progress:
+                    progress.add("bytes", len(data))
+                if len(pending) >= _MAX_IN_FLIGHT:
+                    settle()
+            while pending:
+                settle()
+        finally:
+            stream.close()
+            for future, _ in pending:
+                future.cancel()
+    return [_inode(node, files) for node in tree.nodes], chunks
+
+
+def _inode(node: Node, files: dict[Ino, list[FileChunk]]) -> Inode:
+    st = node.st
+    mode = st.st_mode
+    inode = Inode(node.ino, _kind(mode), st.st_uid, st.st_gid, stat.S_IMODE(mode))
+    kind = inode.kind
+    if kind is Kind.DIR:
+        inode.entries = [DirEntry(ino, name) for name, ino in node.entries]
+    elif kind is Kind.FILE:
+        inode.chunks = files.get(node.ino, [])
+    elif kind in (Kind.CHR, Kind.BLK):
+        inode.major, inode.minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif kind is Kind.LNK:
+        try:
+            inode.symlink_target = os.readlink(node.path)
+        except OSError as e:
+            raise BuildError(f"cannot read link {os.fsdecode(node.path)}: {e.strerror}") from None
+    inode.xattrs = _xattrs(node.path)
+    return inode
+
+
+_KINDS = {
+    stat.S_IFDIR: Kind.DIR,
+    stat.S_IFREG: Kind.FILE,
+    stat.S_IFLNK: Kind.LNK,
+    stat.S_IFCHR: Kind.CHR,
+    stat.S_IFBLK: Kind.BLK,
+    stat.S_IFIFO: Kind.FIFO,
+    stat.S_IFSOCK: Kind.SOCK,
+}
+
+
+def _kind(mode: int) -> Kind:
+    return _KINDS.get(stat.S_IFMT(mode), Kind.UNKNOWN)
+
+
+def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
+    """Sorted by key bytes: the kernel's listing order differs between filesystems."""
+    try:
+        keys = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        raise BuildError(f"cannot list xattrs of {os.fsdecode(path)}: {e.strerror}") from None
+    out = []
+    for key in keys:
+        try:
+            value = os.getxattr(path, key, follow_symlinks=False)
+        except OSError as e:
+            raise BuildError(
+                f"cannot read xattr {key} of {os.fsdecode(path)}: {e.strerror}"
+            ) from None
+        out.append((os.fsencode(key), value))
+    out.sort()
+    return out
+
+
+def build(
+    rootfs_dir: str | os.PathLike[str],
+    oci_dir: str | os.PathLike[str],
+    tag: str,
+    *,
+    compress: bool = False,
+    params: ChunkParams = DEFAULT_PARAMS,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``.
+
+    On any failure the layout is left as it was: blobs this build wrote are removed,
+    index.json is only replaced at the very end, and a layout directory this build
+    created is removed again.
+    """
+    source = Path(rootfs_dir)
+    tree = walk(os.fsencode(source))  # before touching the destination
+    oci_path = Path(oci_dir)
+    created = not oci_path.exists()
+    try:
+        layout = ImageLayout(oci_path, create=True)
+    except OSError as e:
+        raise BuildError(f"cannot create {oci_path}: {e.strerror}") from None
+    new_blobs: list[bytes] = []
+    try:
+        with layout.locked():
+            result = _build_locked(
+                tree, layout, tag, compress, params, workers, progress, new_blobs.append
+            )
+        return result
+    except BaseException:
+        for raw in new_blobs:
+            try:
+                layout.blobs.path(Digest.from_raw(raw)).unlink()
+            except FileNotFoundError:
+                pass
+        if created:
+            shutil.rmtree(oci_path, ignore_errors=True)
+        raise
+
+
+def _build_locked(
+    tree: Tree,
+    layout: ImageLayout,
+    tag: str,
+    compress: bool,
+    params: ChunkParams,
+    workers: int | None,
+    progress: Progress | None,
+    on_new_blob: Callable[[bytes], None],
+) -> BuildResult:
+    store = layout.blobs
+
+    def put(data: bytes) -> Digest:
+        digest = Digest.of(data)
+        if store.put_verified(digest, data):
+            on_new_blob(digest.raw)
+        return digest
+
+    inodes, chunks = build_rootfs(
+        tree,
+        store,
+        compress=compress,
+        params=params,
+        workers=workers,
+        progress=progress,
+        on_new_blob=on_new_blob,
+    )
+    if progress:
+        progress.done()
+    verity = {c.digest: c.verity for c in chunks}
+    rootfs_bytes = encode_rootfs(Rootfs([inodes], verity))
+    rootfs_desc = Descriptor(
+        MEDIA_TYPE_ROOTFS,
+        put(rootfs_bytes),
+        len(rootfs_bytes),
+        {ANNOTATION_VERITY_ROOT: fsverity_digest(rootfs_bytes).hex()},
+    )
+    chunk_type = MEDIA_TYPE_CHUNK_ZSTD if compress else MEDIA_TYPE_CHUNK
+    layers = [rootfs_desc]
+    seen: set[bytes] = set()
+    for c in chunks:
+        if c.digest not in seen:
+            seen.add(c.digest)
+            layers.append(Descriptor(chunk_type, Digest.from_raw(c.digest), c.size))
+    put(EMPTY_CONFIG_BYTES)
+    manifest_bytes = Manifest(EMPTY_CONFIG, layers).to_bytes()
+    manifest_digest = put(manifest_bytes)
+    layout.set_tag(tag, manifest_digest, len(manifest_bytes), lock=False)
+    return BuildResult(
+        Descriptor(MEDIA_TYPE_MANIFEST, manifest_digest, len(manifest_bytes)),
+        fsverity_digest(manifest_bytes).hex(),
+        rootfs_desc,
+        len(chunks),
+        sum(c.new for c in chunks),
+        sum(i.size for i in inodes if i.kind is Kind.FILE),
+    )

@@ -1,0 +1,330 @@
+"""An opened image: the layer stack, caches and reads."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+
+from puzzlefs.compression import SeekableBlob
+from puzzlefs.digest import Digest
+from puzzlefs.errors import (
+    BlobNotFound,
+    ImageError,
+    MetadataError,
+    PuzzleFSError,
+    VerityMismatch,
+)
+from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
+from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
+from puzzlefs.reader._cache import LRU
+from puzzlefs.verity import fsverity_digest
+
+log = logging.getLogger(__name__)
+
+_FMT = {
+    Kind.DIR: stat.S_IFDIR,
+    Kind.FILE: stat.S_IFREG,
+    Kind.LNK: stat.S_IFLNK,
+    Kind.CHR: stat.S_IFCHR,
+    Kind.BLK: stat.S_IFBLK,
+    Kind.FIFO: stat.S_IFIFO,
+    Kind.SOCK: stat.S_IFSOCK,
+    Kind.UNKNOWN: 0,
+}
+INODE_CACHE_ENTRIES = 65536
+BLOB_CACHE_BYTES = 128 * 1024 * 1024
+
+
+class NotFound(PuzzleFSError, KeyError):
+    """A name or inode that does not exist (or was deleted by a whiteout)."""
+
+    errno = 2  # ENOENT
+
+
+def is_valid_name(name: bytes) -> bool:
+    """A directory entry name that is safe to create: one path component."""
+    return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name
+
+
+@dataclass(frozen=True, slots=True)
+class InodeAttr:
+    ino: Ino
+    mode: int  # type | permissions
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    rdev: int
+    blocks: int  # 512-byte units
+
+
+class Image:
+    """One tag of an OCI layout, opened.
+
+    ``verity_digest`` (hex): the fs-verity digest of the manifest, as ``build`` printed
+    it. With it, the manifest, the rootfs and every chunk are checked against the
+    fs-verity chain before use; without it, against their sha256 only.
+    """
+
+    def __init__(
+        self,
+        layout: ImageLayout,
+        tag: str,
+        *,
+        verity_digest: str | None = None,
+    ) -> None:
+        self.layout = layout
+        self.tag = tag
+        self.manifest_descriptor, manifest_bytes, self.manifest = layout.read_manifest(tag)
+        self._verify_verity = verity_digest is not None
+        if verity_digest is not None:
+            actual = fsverity_digest(manifest_bytes).hex()
+            if actual != verity_digest.lower():
+                raise VerityMismatch(f"manifest of {tag!r}", verity_digest.lower(), actual)
+        self.rootfs_descriptor = self.manifest.rootfs
+        rootfs_bytes = self._read_rootfs(self.rootfs_descriptor)
+        self.rootfs = RootfsReader(rootfs_bytes)
+        self._verity: dict[bytes, bytes] = self.rootfs.verity()
+        self._verified: set[bytes] = set()
+        self._inodes: LRU[int, Inode | None] = LRU(INODE_CACHE_ENTRIES)
+        self._dirs: LRU[int, dict[bytes, Ino]] = LRU(4096, lambda d: max(1, len(d) // 64))
+        self._offsets: LRU[int, list[int]] = LRU(INODE_CACHE_ENTRIES // 4)
+        self._blobs: LRU[bytes, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
+        self._nlinks: dict[int, int] | None = None
+        self._lock = threading.Lock()
+
+    # -- opening ---------------------------------------------------------------------
+    def _read_rootfs(self, desc: Descriptor) -> bytes:
+        data = self.layout.blobs.get(desc.digest)
+        if len(data) != desc.size:
+            raise ImageError(f"rootfs blob size {len(data)} does not match manifest ({desc.size})")
+        if self._verify_verity:
+            expected = desc.annotations.get(ANNOTATION_VERITY_ROOT)
+            if not expected:
+                raise ImageError("manifest has no fs-verity digest for the rootfs")
+            actual = fsverity_digest(data).hex()
+            if actual != expected.lower():
+                raise VerityMismatch(f"rootfs blob {desc.digest.hex}", expected.lower(), actual)
+        return data
+
+    @property
+    def chunk_digests(self) -> list[Digest]:
+        """Every chunk blob any layer uses (for verify/copy), sorted."""
+        return sorted(Digest.from_raw(d) for d in self._verity) or [
+            d.digest for d in self.manifest.chunk_layers
+        ]
+
+    # -- inodes ---------------------------------------------------------------------
+    def find(self, ino: int) -> Inode | None:
+        """The inode as the layer stack shows it; None if a whiteout deleted it."""
+        cached = self._inodes.get(ino)
+        if cached is not None or (ino in self._inodes._items):
+            return cached
+        for layer in range(self.rootfs.layer_count):
+            inode = self.rootfs.find(ino, layer)
+            if inode is not None:
+                result = None if inode.kind is Kind.WHT else inode
+                self._inodes.put(ino, result)
+                return result
+        raise MetadataError(f"inode {ino} is referenced but not stored in any layer")
+
+    def inode(self, ino: int) -> Inode:
+        found = self.find(ino)
+        if found is None:
+            raise NotFound(f"inode {ino} was deleted")
+        return found
+
+    @property
+    def root(self) -> Inode:
+        root = self.inode(ROOT_INO)
+        if root.kind is not Kind.DIR:
+            raise MetadataError("the root inode is not a directory")
+        return root
+
+    def _dir_index(self, inode: Inode) -> dict[bytes, Ino]:
+        index = self._dirs.get(inode.ino)
+        if index is None:
+            index = {}
+            for e in inode.entries:
+                if not is_valid_name(e.name):
+                    raise MetadataError(f"directory {inode.ino} has an invalid entry {e.name!r}")
+                if e.name in index:
+                    raise MetadataError(f"directory {inode.ino} lists {e.name!r} twice")
+                index[e.name] = e.ino
+            self._dirs.put(inode.ino, index)
+        return index
+
+    def lookup(self, parent: Inode, name: bytes) -> Inode:
+        if parent.kind is not Kind.DIR:
+            raise NotFound(f"inode {parent.ino} is not a directory")
+        ino = self._dir_index(parent).get(name)
+        if ino is None:
+            raise NotFound(f"{name!r} not found")
+        found = self.find(ino)
+        if found is None:
+            raise NotFound(f"{name!r} was deleted")
+        return found
+
+    def listdir(self, parent: Inode) -> list[tuple[bytes, Inode]]:
+        """Visible entries in stored order (whiteouts hidden)."""
+        out = []
+        for name, ino in self._dir_index(parent).items():
+            found = self.find(ino)
+            if found is not None:
+                out.append((name, found))
+        return out
+
+    def resolve_path(self, path: str | bytes) -> Inode:
+        """Follow a ``/``-separated path from the root (symlinks are not followed)."""
+        p = path.encode() if isinstance(path, str) else path
+        inode = self.root
+        for part in p.split(b"/"):
+            if part:
+                inode = self.lookup(inode, part)
+        return inode
+
+    def walk(self) -> Iterator[tuple[bytes, Inode]]:
+        """Every visible path, pre-order, ``b""`` for the root. Refuses directory loops."""
+        root = self.root
+        yield b"", root
+        stack: list[tuple[bytes, Inode]] = [(b"", root)]
+        seen = {root.ino}
+        while stack:
+            path, inode = stack.pop()
+            subdirs = []
+            for name, child in self.listdir(inode):
+                child_path = path + b"/" + name if path else name
+                if child.kind is Kind.DIR:
+                    if child.ino in seen:
+                        raise MetadataError(f"directory loop at {child_path!r}")
+                    seen.add(child.ino)
+                    subdirs.append((child_path, child))
+                yield child_path, child
+            stack.extend(reversed(subdirs))
+
+    def nlink(self, inode: Inode) -> int:
+        if inode.kind is Kind.DIR:
+            return 2 + sum(1 for _, c in self.listdir(inode) if c.kind is Kind.DIR)
+        if self._nlinks is None:
+            counts: dict[int, int] = {}
+            for _, node in self.walk():
+                counts[node.ino] = counts.get(node.ino, 0) + 1
+            self._nlinks = counts
+        return self._nlinks.get(inode.ino, 1)
+
+    def attr(self, inode: Inode) -> InodeAttr:
+        size = inode.size
+        return InodeAttr(
+            inode.ino,
+            _FMT[inode.kind] | inode.permissions,
+            self.nlink(inode),
+            inode.uid,
+            inode.gid,
+            size,
+            _makedev(inode.major, inode.minor) if inode.kind in (Kind.CHR, Kind.BLK) else 0,
+            (size + 511) // 512,
+        )
+
+    # -- data -------------------------------------------------------------------------
+    def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a regular file from ``offset``."""
+        if inode.kind is not Kind.FILE:
+            raise ImageError(f"inode {inode.ino} is not a regular file")
+        starts = self._chunk_starts(inode)
+        end = min(offset + size, starts[-1])
+        if offset >= end:
+            return b""
+        i = bisect.bisect_right(starts, offset) - 1
+        parts = []
+        pos = offset
+        while pos < end:
+            chunk = inode.chunks[i]
+            within = pos - starts[i]
+            n = min(chunk.len - within, end - pos)
+            parts.append(self._read_chunk(chunk, within, n))
+            pos += n
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_all(self, inode: Inode) -> Iterator[bytes]:
+        """A file's contents, piece by piece (one per chunk reference)."""
+        for chunk in inode.chunks:
+            yield self._read_chunk(chunk, 0, chunk.len)
+
+    def _chunk_starts(self, inode: Inode) -> list[int]:
+        starts = self._offsets.get(inode.ino)
+        if starts is None:
+            starts = [0, *accumulate(c.len for c in inode.chunks)]
+            self._offsets.put(inode.ino, starts)
+        return starts
+
+    def _read_chunk(self, chunk: FileChunk, within: int, n: int) -> bytes:
+        blob = self.blob(chunk.blob.digest, chunk.blob.compressed)
+        start = chunk.blob.offset + within
+        blob_size = blob.size if isinstance(blob, SeekableBlob) else len(blob)
+        if chunk.blob.offset + chunk.len > blob_size:
+            raise MetadataError(
+                f"file chunk [{chunk.blob.offset}, +{chunk.len}) lies outside blob "
+                f"{chunk.blob.digest.hex()} ({blob_size} bytes)"
+            )
+        if isinstance(blob, SeekableBlob):
+            return blob.read(start, n)
+        return blob[start : start + n]
+
+    def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
+        """A chunk blob, verified, decoded for random access, cached."""
+        cached = self._blobs.get(raw_digest)
+        if cached is not None:
+            return cached
+        digest = Digest.from_raw(raw_digest)
+        try:
+            data = self.layout.blobs.get(digest, verify=False)
+        except BlobNotFound:
+            raise BlobNotFound(f"chunk blob {digest.hex} is missing") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest.hex:
+            raise ImageError(f"chunk blob {digest.hex} is corrupt (its sha256 is {actual})")
+        if self._verify_verity and raw_digest not in self._verified:
+            self._check_verity(raw_digest, data)
+        value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
+        self._blobs.put(raw_digest, value)
+        return value
+
+    def _check_verity(self, raw_digest: bytes, data: bytes) -> None:
+        expected = self._verity.get(raw_digest)
+        hexd = raw_digest.hex()
+        if expected is None:
+            raise VerityMismatch(f"chunk blob {hexd}", "an fsVerityData entry", "none")
+        actual = fsverity_digest(data)
+        if actual != expected:
+            raise VerityMismatch(f"chunk blob {hexd}", expected.hex(), actual.hex())
+        with self._lock:
+            self._verified.add(raw_digest)
+
+
+def _blob_weight(v: bytes | SeekableBlob) -> int:
+    return v.size if isinstance(v, SeekableBlob) else len(v)
+
+
+def _makedev(major: int, minor: int) -> int:
+    # glibc's encoding, as os.makedev, but without its range checks on hostile values.
+    return (
+        ((major & 0xFFFFF000) << 32)
+        | ((major & 0xFFF) << 8)
+        | ((minor & 0xFFFFFF00) << 12)
+        | (minor & 0xFF)
+    ) & 0xFFFFFFFFFFFFFFFF
+
+
+def open_image(oci_dir: str | Path, tag: str, *, verity_digest: str | None = None) -> Image:
+    return Image(ImageLayout(oci_dir), tag, verity_digest=verity_digest)
+
+
+__all__ = ["Image", "InodeAttr", "Manifest", "NotFound", "is_valid_name", "open_image"]
