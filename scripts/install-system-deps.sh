@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Debian packages puzzlefs needs: libfuse3 and pkg-config to build pyfuse3, fuse3 for
+# mounting, and the peers the tests and benchmarks compare against.
+set -euo pipefail
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+    gcc python3-dev pkg-config libfuse3-dev fuse3 \
+    fsverity zstd squashfs-tools squashfuse e2fsprogs >/dev/null

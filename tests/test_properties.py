@@ -1,0 +1,160 @@
+"""Property tests: the chunker over one stream, the seek-table codec, Cap'n Proto."""
+
+from __future__ import annotations
+
+import io
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from puzzlefs.builder.stream import ChunkMapper, FileStream
+from puzzlefs.chunking import ChunkParams, chunk_stream
+from puzzlefs.compression import SeekableBlob, compress_chunk, compress_seekable
+from puzzlefs.format import (
+    BlobRef,
+    DirEntry,
+    FileChunk,
+    Ino,
+    Inode,
+    Kind,
+    Rootfs,
+    RootfsReader,
+    encode_rootfs,
+)
+
+SMALL = ChunkParams(64, 256, 1024)
+
+
+@st.composite
+def _data(draw: st.DrawFn) -> bytes:
+    # Mix random and repetitive runs: both cut differently.
+    parts = draw(
+        st.lists(
+            st.one_of(
+                st.binary(max_size=3000),
+                st.builds(
+                    lambda b, n: b * n, st.binary(min_size=1, max_size=4), st.integers(0, 800)
+                ),
+            ),
+            max_size=8,
+        )
+    )
+    return b"".join(parts)
+
+
+@given(_data())
+@settings(max_examples=200, deadline=None)
+def test_chunks_cover_the_stream_within_bounds(data: bytes) -> None:
+    chunks = [bytes(c) for c in chunk_stream(io.BytesIO(data), SMALL)]
+    assert b"".join(chunks) == data
+    assert all(len(c) <= SMALL.max for c in chunks)
+    assert all(len(c) >= SMALL.min for c in chunks[:-1])
+
+
+@given(st.lists(_data(), max_size=6))
+@settings(max_examples=150, deadline=None)
+def test_file_stream_maps_back_to_files(files: list[bytes]) -> None:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for i, content in enumerate(files):
+            p = Path(d) / str(i)
+            p.write_bytes(content)
+            paths.append((Ino(i + 10), bytes(p)))
+        stream = FileStream(paths)
+        mapper = ChunkMapper(stream.spans)
+        rebuilt: dict[int, bytearray] = {ino: bytearray() for ino, _ in paths}
+        whole = b"".join(files)
+        pos = 0
+        for chunk in chunk_stream(stream, SMALL):
+            data = bytes(chunk)
+            assert data == whole[pos : pos + len(data)]
+            pos += len(data)
+            for ino, offset, length in mapper.map(len(data)):
+                assert length > 0
+                rebuilt[ino] += data[offset : offset + length]
+        for (ino, _), content in zip(paths, files, strict=True):
+            assert bytes(rebuilt[ino]) == content
+
+
+@given(st.binary(max_size=40_000), st.sampled_from([512, 4096, 10_000]))
+@settings(max_examples=100, deadline=None)
+def test_seekable_round_trip(data: bytes, frame: int) -> None:
+    blob = SeekableBlob(compress_seekable(data, frame))
+    assert blob.size == len(data)
+    assert blob.read_all() == data
+
+
+@given(st.binary(min_size=1, max_size=20_000), st.data())
+@settings(max_examples=100, deadline=None)
+def test_seekable_random_reads(data: bytes, draw: st.DataObject) -> None:
+    stored, compressed = compress_chunk(data)
+    if not compressed:
+        assert stored == data
+        return
+    blob = SeekableBlob(stored)
+    offset = draw.draw(st.integers(0, len(data)))
+    size = draw.draw(st.integers(0, len(data)))
+    assert blob.read(offset, size) == data[offset : offset + size]
+
+
+_names = st.binary(min_size=1, max_size=40).filter(lambda n: b"/" not in n and b"\0" not in n)
+_u64 = st.integers(0, 2**64 - 1)
+
+
+@st.composite
+def _inode(draw: st.DrawFn, ino: int) -> Inode:
+    kind = draw(st.sampled_from(list(Kind)))
+    inode = Inode(
+        Ino(ino),
+        kind,
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.integers(0, 0o7777)),
+    )
+    if kind is Kind.DIR:
+        inode.entries = [DirEntry(Ino(draw(_u64)), n) for n in draw(st.lists(_names, max_size=5))]
+    elif kind is Kind.FILE:
+        inode.chunks = [
+            FileChunk(
+                BlobRef(draw(st.binary(min_size=32, max_size=32)), draw(_u64), draw(st.booleans())),
+                draw(_u64),
+            )
+            for _ in range(draw(st.integers(0, 4)))
+        ]
+    elif kind in (Kind.CHR, Kind.BLK):
+        inode.major, inode.minor = draw(_u64), draw(_u64)
+    if kind is Kind.LNK:
+        inode.symlink_target = draw(st.binary(max_size=100))
+    inode.xattrs = draw(
+        st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=50)), max_size=3)
+    )
+    return inode
+
+
+@st.composite
+def _rootfs(draw: st.DrawFn) -> Rootfs:
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        inos = sorted(draw(st.sets(st.integers(1, 10_000), min_size=1, max_size=12)))
+        layers.append([draw(_inode(i)) for i in inos])
+    verity = draw(
+        st.dictionaries(
+            st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32), max_size=5
+        )
+    )
+    return Rootfs(layers, verity)
+
+
+@given(_rootfs())
+@settings(max_examples=150, deadline=None)
+def test_capnp_round_trip(rootfs: Rootfs) -> None:
+    data = encode_rootfs(rootfs)
+    reader = RootfsReader(data)
+    assert reader.decode() == rootfs
+    assert encode_rootfs(reader.decode()) == data  # canonical: re-encoding is stable
+    for layer_index, layer in enumerate(rootfs.layers):
+        for inode in layer:
+            assert reader.find(inode.ino, layer_index) == inode

@@ -1,0 +1,123 @@
+"""Build then extract gives back the source tree, in every detail the format keeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from treeutil import MAX_CHUNK, assert_same_tree, describe
+
+from puzzlefs import build, extract, open_image
+from puzzlefs.format import Kind
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_round_trip_all_types(all_types_tree: Path, tmp_path: Path, compress: bool) -> None:
+    oci = tmp_path / "oci"
+    build(all_types_tree, oci, "t", compress=compress)
+    image = open_image(oci, "t")
+    out = tmp_path / "out"
+    stats = extract(image, out)
+    assert stats.warnings == []
+    assert_same_tree(all_types_tree, out)
+
+
+def test_hard_links_are_recreated(all_types_tree: Path, tmp_path: Path) -> None:
+    build(all_types_tree, tmp_path / "oci", "t")
+    out = tmp_path / "out"
+    extract(open_image(tmp_path / "oci", "t"), out)
+    first = os.stat(out / "hard" / "first")
+    assert first.st_nlink == 3
+    assert os.stat(out / "links" / "second").st_ino == first.st_ino
+    assert os.stat(out / "third").st_ino == first.st_ino
+
+
+def test_sparse_file_keeps_holes(all_types_tree: Path, tmp_path: Path) -> None:
+    build(all_types_tree, tmp_path / "oci", "t")
+    out = tmp_path / "out"
+    extract(open_image(tmp_path / "oci", "t"), out)
+    st = os.stat(out / "sparse")
+    assert st.st_size == 3 * 1024 * 1024 + 20
+    assert st.st_blocks * 512 < 1024 * 1024
+
+
+def test_chunk_boundaries_follow_the_stream(all_types_tree: Path, tmp_path: Path) -> None:
+    """All-zero data cuts at the maximum size: 00-exact is exactly one chunk, 01-past
+    starts a new chunk and spills one byte into the next, shared with what follows."""
+    build(all_types_tree, tmp_path / "oci", "t")
+    image = open_image(tmp_path / "oci", "t")
+    exact = image.resolve_path("00-exact")
+    assert [(c.blob.offset, c.len) for c in exact.chunks] == [(0, MAX_CHUNK)]
+    past = image.resolve_path("01-past")
+    assert [(c.blob.offset, c.len) for c in past.chunks] == [(0, MAX_CHUNK), (0, 1)]
+    assert past.chunks[0].blob.digest == exact.chunks[0].blob.digest  # stored once
+    # the next non-empty file in the stream (inode order) shares that last chunk
+    files = sorted(
+        (i for _, i in image.walk() if i.kind is Kind.FILE and i.chunks), key=lambda i: i.ino
+    )
+    after = files[[f.ino for f in files].index(past.ino) + 1]
+    assert after.chunks[0].blob.offset == 1
+    assert after.chunks[0].blob.digest == past.chunks[1].blob.digest
+    empty = image.resolve_path("empty")
+    assert empty.chunks == []
+
+
+def test_identical_files_share_chunks(all_types_tree: Path, tmp_path: Path) -> None:
+    build(all_types_tree, tmp_path / "oci", "t")
+    image = open_image(tmp_path / "oci", "t")
+    a, b = image.resolve_path("dup-a"), image.resolve_path("dup-b")
+    assert {c.blob.digest for c in a.chunks} & {c.blob.digest for c in b.chunks} or len(
+        a.chunks
+    ) == 1
+
+
+def test_inode_numbers_follow_the_canonical_walk(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    for d in ("a", "c", "a/x"):
+        (root / d).mkdir(parents=True)
+    (root / "b").write_bytes(b"b")
+    (root / "a" / "y").write_bytes(b"y")
+    (root / "c" / "z").write_bytes(b"z")
+    (root / "a" / "x" / "w").write_bytes(b"w")
+    build(root, tmp_path / "oci", "t")
+    image = open_image(tmp_path / "oci", "t")
+    numbers = {path.decode(): inode.ino for path, inode in image.walk()}
+    # / = 1; a, b, c = 2, 3, 4; a's entries x, y = 5, 6; then a/x's w = 7; then c's z = 8
+    assert numbers == {"": 1, "a": 2, "b": 3, "c": 4, "a/x": 5, "a/y": 6, "a/x/w": 7, "c/z": 8}
+
+
+def test_cli_build_and_extract(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data" * 1000)
+    run = [sys.executable, "-m", "puzzlefs"]
+    out = subprocess.run(
+        [*run, "build", str(src), f"{tmp_path}/oci:v1"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""  # not a TTY: no progress
+    line = out.stdout.strip()
+    assert line.startswith("puzzlefs image manifest digest: ") and len(line.split()[-1]) == 64
+    ex = subprocess.run([*run, "extract", f"{tmp_path}/oci:v1", str(tmp_path / "out")])
+    assert ex.returncode == 0
+    assert describe(src) == describe(tmp_path / "out")
+
+
+def test_several_tags_share_one_store(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    build(src, tmp_path / "oci", "one")
+    blobs = set(os.listdir(tmp_path / "oci/blobs/sha256"))
+    (src / "g").write_bytes(b"new")
+    build(src, tmp_path / "oci", "two")
+    build(src, tmp_path / "oci", "one")  # re-tag replaces
+    from puzzlefs.oci import ImageLayout
+
+    tags = ImageLayout(tmp_path / "oci").tags()
+    assert sorted(tags) == ["one", "two"]
+    assert tags["one"].digest == tags["two"].digest
+    assert blobs <= set(os.listdir(tmp_path / "oci/blobs/sha256"))
