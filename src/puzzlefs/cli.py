@@ -7,13 +7,14 @@ traceback only with ``PUZZLEFS_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from puzzlefs import __version__
-from puzzlefs.errors import PuzzleFSError
+from puzzlefs.errors import PuzzleFSError, UsageError
 from puzzlefs.oci import parse_image_ref
 from puzzlefs.progress import Progress
 
@@ -22,6 +23,16 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _image_ref(text: str) -> tuple[Path, str]:
     return parse_image_ref(text)
+
+
+def _verity_hex(text: str | None) -> str | None:
+    """A manifest fs-verity digest as build prints it: 64 hex digits."""
+    if text is None:
+        return None
+    value = text.lower().removeprefix("sha256:")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise UsageError(f"a digest is 64 hex digits, got {text!r}")
+    return value
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -50,9 +61,35 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from puzzlefs.reader import open_image
 
     oci_dir, tag = _image_ref(args.image)
-    image = open_image(oci_dir, tag, verity_digest=args.digest)
+    image = open_image(oci_dir, tag, verity_digest=_verity_hex(args.digest))
     stats = extract(image, args.dest, progress=Progress("extracting"))
     warn(stats)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from puzzlefs.reader.verify import verify
+
+    oci_dir, tag = _image_ref(args.image)
+    report = verify(oci_dir, tag, verity_digest=_verity_hex(args.digest))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for p in report.problems or []:
+            print(f"{p.role} {p.blob or '-'}: {p.message}")
+        state = "ok" if report.ok else f"{len(report.problems or [])} problem(s)"
+        chain = " and fs-verity chain" if args.digest else ""
+        checked = f"{report.checked} blobs, {report.bytes:,} bytes checked (sha256{chain})"
+        print(f"{tag}: {checked}: {state}")
+    return 0 if report.ok else 1
+
+
+def cmd_enable_fs_verity(args: argparse.Namespace) -> int:
+    from puzzlefs.reader.verify import enable_fs_verity
+
+    oci_dir, tag = _image_ref(args.image)
+    n = enable_fs_verity(oci_dir, tag, _verity_hex(args.digest) or "")
+    print(f"fs-verity enabled and checked on {n} blobs")
     return 0
 
 
@@ -83,6 +120,21 @@ def _parser() -> argparse.ArgumentParser:
         "-d", "--digest", metavar="HEX", help="check the whole fs-verity chain against this"
     )
     x.set_defaults(func=cmd_extract)
+
+    v = sub.add_parser("verify", help="check that every blob of an image is present and intact")
+    v.add_argument("image", metavar="OCI_DIR:TAG")
+    v.add_argument(
+        "-d", "--digest", metavar="HEX", help="also check the fs-verity chain from this digest"
+    )
+    v.add_argument("--json", action="store_true", help="print a JSON report")
+    v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser(
+        "enable-fs-verity", help="enable kernel fs-verity on every blob and check the chain"
+    )
+    e.add_argument("image", metavar="OCI_DIR:TAG")
+    e.add_argument("digest", metavar="MANIFEST_DIGEST", help="as printed by build")
+    e.set_defaults(func=cmd_enable_fs_verity)
     return p
 
 
@@ -100,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line, the traceback on request
+        return _fail(
+            e, f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)", 70
+        )
 
 
 def _fail(e: BaseException, message: str, code: int) -> int:

@@ -112,7 +112,10 @@ class _Extractor:
                         raise MetadataError(f"directory loop at {os.fsdecode(child_path)}")
                     seen.add(child.ino)
                     self._create(
-                        dirfd, name, child_path, lambda: os.mkdir(name, 0o700, dir_fd=dirfd)
+                        dirfd,
+                        name,
+                        child_path,
+                        lambda name=name: os.mkdir(name, 0o700, dir_fd=dirfd),
                     )
                     subdirs.append((child_path, child))
                     self.dir_modes.append((child_path, child))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import os
 import stat
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from puzzlefs.errors import (
 from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
 from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
 from puzzlefs.reader._cache import LRU
-from puzzlefs.verity import fsverity_digest
+from puzzlefs.verity import fsverity_digest, measure_verity
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Image:
         self._offsets: LRU[int, list[int]] = LRU(INODE_CACHE_ENTRIES // 4)
         self._blobs: LRU[bytes, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
         self._nlinks: dict[int, int] | None = None
+        self._attrs: LRU[int, InodeAttr] = LRU(INODE_CACHE_ENTRIES)
         self._lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------
@@ -212,16 +214,23 @@ class Image:
     def nlink(self, inode: Inode) -> int:
         if inode.kind is Kind.DIR:
             return 2 + sum(1 for _, c in self.listdir(inode) if c.kind is Kind.DIR)
+        return self._nlink_table().get(inode.ino, 1)
+
+    def _nlink_table(self) -> dict[int, int]:
         if self._nlinks is None:
             counts: dict[int, int] = {}
             for _, node in self.walk():
                 counts[node.ino] = counts.get(node.ino, 0) + 1
             self._nlinks = counts
-        return self._nlinks.get(inode.ino, 1)
+        return self._nlinks
 
     def attr(self, inode: Inode) -> InodeAttr:
+        # Cached: a directory's nlink lists it, and FUSE asks for attributes often.
+        cached = self._attrs.get(inode.ino)
+        if cached is not None:
+            return cached
         size = inode.size
-        return InodeAttr(
+        attr = InodeAttr(
             inode.ino,
             _FMT[inode.kind] | inode.permissions,
             self.nlink(inode),
@@ -231,6 +240,13 @@ class Image:
             _makedev(inode.major, inode.minor) if inode.kind in (Kind.CHR, Kind.BLK) else 0,
             (size + 511) // 512,
         )
+        self._attrs.put(inode.ino, attr)
+        return attr
+
+    def usage(self) -> tuple[int, int]:
+        """``(stored chunk bytes, visible inodes)``, for statfs."""
+        chunks = {d.digest: d.size for d in self.manifest.chunk_layers}
+        return sum(chunks.values()), len(self._nlink_table())
 
     # -- data -------------------------------------------------------------------------
     def read(self, inode: Inode, offset: int, size: int) -> bytes:
@@ -257,6 +273,22 @@ class Image:
         """A file's contents, piece by piece (one per chunk reference)."""
         for chunk in inode.chunks:
             yield self._read_chunk(chunk, 0, chunk.len)
+
+    def is_cached(self, inode: Inode, offset: int, size: int) -> bool:
+        """Whether ``read(inode, offset, size)`` would be served from the blob cache
+        (no disk read, no hashing): callers with an event loop run the rest in a
+        worker thread."""
+        starts = self._chunk_starts(inode)
+        end = min(offset + size, starts[-1])
+        if offset >= end:
+            return True
+        i = bisect.bisect_right(starts, offset) - 1
+        items = self._blobs._items
+        while i < len(inode.chunks) and starts[i] < end:
+            if inode.chunks[i].blob.digest not in items:
+                return False
+            i += 1
+        return True
 
     def _chunk_starts(self, inode: Inode) -> list[int]:
         starts = self._offsets.get(inode.ino)
@@ -302,11 +334,26 @@ class Image:
         hexd = raw_digest.hex()
         if expected is None:
             raise VerityMismatch(f"chunk blob {hexd}", "an fsVerityData entry", "none")
-        actual = fsverity_digest(data)
+        actual = self._measured(raw_digest) or fsverity_digest(data)
         if actual != expected:
             raise VerityMismatch(f"chunk blob {hexd}", expected.hex(), actual.hex())
         with self._lock:
             self._verified.add(raw_digest)
+
+    def _measured(self, raw_digest: bytes) -> bytes | None:
+        """The kernel's fs-verity measurement of a blob file, where it has one: a cheap
+        ioctl instead of hashing the whole blob in user space."""
+        path = self.layout.blobs.path(Digest.from_raw(raw_digest))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            return measure_verity(fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
 
 def _blob_weight(v: bytes | SeekableBlob) -> int:
