@@ -37,19 +37,20 @@ def _verity_hex(text: str | None) -> str | None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from puzzlefs.builder import build
-    from puzzlefs.chunking import DEFAULT_PARAMS, ChunkParams
+    from puzzlefs.chunking import ChunkParams
 
     if args.legacy_tag is not None:  # the seed talk's `build ROOTFS OCI_DIR TAG`
         oci_dir, tag = Path(args.image), args.legacy_tag
     else:
         oci_dir, tag = _image_ref(args.image)
-    params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else DEFAULT_PARAMS
+    params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else None
     result = build(
         args.rootfs,
         oci_dir,
         tag,
         compress=args.compression,
         params=params,
+        base_tag=args.base_layer,
         progress=Progress("building"),
     )
     print(f"puzzlefs image manifest digest: {result.manifest_verity}")
@@ -93,6 +94,33 @@ def cmd_enable_fs_verity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from puzzlefs.mount import mount
+
+    if args.legacy_mountpoint is not None:  # the seed talk's `mount OCI_DIR TAG MOUNTPOINT`
+        oci_dir, tag, mountpoint = Path(args.image), args.mountpoint, args.legacy_mountpoint
+    else:
+        (oci_dir, tag), mountpoint = _image_ref(args.image), args.mountpoint
+    mount(
+        oci_dir,
+        tag,
+        mountpoint,
+        verity_digest=_verity_hex(args.digest),
+        options=args.options,
+        foreground=args.foreground,
+        init_pipe=args.init_pipe,
+        log_file=args.log_file,
+    )
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from puzzlefs.mount import umount
+
+    umount(args.mountpoint)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="puzzlefs",
@@ -107,9 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("legacy_tag", nargs="?", metavar="TAG", help=argparse.SUPPRESS)
     b.add_argument("-c", "--compression", action="store_true", help="store chunks zstd-compressed")
     b.add_argument(
+        "-b",
+        "--base-layer",
+        metavar="BASE_TAG",
+        help="build on top of this tag of OCI_DIR: only what changed is stored",
+    )
+    b.add_argument(
         "--chunk-sizes",
         metavar="MIN:AVG:MAX",
-        help="FastCDC chunk sizes (default 16K:64K:256K, the reference's)",
+        help="FastCDC chunk sizes (default: the base's, else 16K:64K:256K, the reference's)",
     )
     b.set_defaults(func=cmd_build)
 
@@ -135,6 +169,53 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("image", metavar="OCI_DIR:TAG")
     e.add_argument("digest", metavar="MANIFEST_DIGEST", help="as printed by build")
     e.set_defaults(func=cmd_enable_fs_verity)
+
+    m = sub.add_parser(
+        "mount",
+        help="mount an image read-only with FUSE",
+        description="Mount an image read-only with FUSE. In the background (the default) "
+        "the command returns once the mount is live, or fails with the reason; the "
+        "daemon then logs to syslog (/dev/log), or to --log-file. With -f it stays in "
+        "the foreground, logs to stderr, and unmounts on Ctrl-C or SIGTERM. SIGTERM to "
+        "the daemon, or `puzzlefs umount`, unmounts cleanly.",
+    )
+    m.add_argument("image", metavar="OCI_DIR:TAG")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    m.add_argument("legacy_mountpoint", nargs="?", help=argparse.SUPPRESS)
+    m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    m.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPT,...",
+        action="append",
+        default=[],
+        help="FUSE mount options (allow_other, allow_root, default_permissions, dev, suid, "
+        "exec, noatime, fsname=, subtype=, nonempty, ...); always ro, and by default "
+        "default_permissions,fsname=OCI_DIR:TAG,subtype=puzzlefs",
+    )
+    m.add_argument(
+        "-d",
+        "--digest",
+        metavar="HEX",
+        help="the manifest's fs-verity digest (as build printed it): refuse to mount on a "
+        "mismatch, and check every chunk before serving it (EIO on a mismatch)",
+    )
+    m.add_argument(
+        "-i",
+        "--init-pipe",
+        metavar="FIFO",
+        help="write 's' to FIFO once the mount is live, 'f' if it failed",
+    )
+    m.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="append the daemon's log to FILE (default: syslog; with -f: stderr)",
+    )
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount a puzzlefs mount")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.set_defaults(func=cmd_umount)
     return p
 
 

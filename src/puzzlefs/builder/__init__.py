@@ -9,6 +9,7 @@ the output never depends on the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -19,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from puzzlefs.builder.delta import delta_layer, renumber
 from puzzlefs.builder.stream import ChunkMapper, FileStream
 from puzzlefs.builder.walk import Node, Tree, iter_regular, walk
 from puzzlefs.chunking import DEFAULT_PARAMS, ChunkParams, chunk_stream
@@ -49,6 +51,7 @@ from puzzlefs.oci import (
 )
 from puzzlefs.oci.layout import EMPTY_CONFIG_BYTES
 from puzzlefs.progress import Progress
+from puzzlefs.reader import Image
 from puzzlefs.verity import fsverity_digest
 
 __all__ = ["BuildResult", "StoredChunk", "build", "build_rootfs"]
@@ -197,26 +200,35 @@ def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+# FastCDC sizes the image was cut with, so builds on it cut the same way.
+ANNOTATION_CHUNK_SIZES = "io.puzzlefs.chunk-sizes"
+
+
 def build(
     rootfs_dir: str | os.PathLike[str],
     oci_dir: str | os.PathLike[str],
     tag: str,
     *,
     compress: bool = False,
-    params: ChunkParams = DEFAULT_PARAMS,
+    params: ChunkParams | None = None,
+    base_tag: str | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``.
+    """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``, on top of ``base_tag`` if
+    given (a delta layer, FORMAT.md §6).
 
-    On any failure the layout is left as it was: blobs this build wrote are removed,
-    index.json is only replaced at the very end, and a layout directory this build
-    created is removed again.
+    ``params`` defaults to the base's chunk sizes (recorded in its manifest), else the
+    reference's. On any failure the layout is left as it was: blobs this build wrote
+    are removed, index.json is only replaced at the very end, and a layout directory
+    this build created is removed again.
     """
     source = Path(rootfs_dir)
     tree = walk(os.fsencode(source))  # before touching the destination
     oci_path = Path(oci_dir)
     created = not oci_path.exists()
+    if base_tag is not None and created:
+        raise BuildError(f"{oci_path} does not exist, so it has no base tag {base_tag!r}")
     try:
         layout = ImageLayout(oci_path, create=True)
     except OSError as e:
@@ -224,19 +236,27 @@ def build(
     new_blobs: list[bytes] = []
     try:
         with layout.locked():
+            base = Image(layout, base_tag) if base_tag is not None else None
+            if params is None:
+                params = _base_params(base) if base else DEFAULT_PARAMS
+            if base is not None:
+                tree = renumber(tree, base)
             result = _build_locked(
-                tree, layout, tag, compress, params, workers, progress, new_blobs.append
+                tree, layout, tag, compress, params, workers, progress, new_blobs.append, base
             )
         return result
     except BaseException:
         for raw in new_blobs:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 layout.blobs.path(Digest.from_raw(raw)).unlink()
-            except FileNotFoundError:
-                pass
         if created:
             shutil.rmtree(oci_path, ignore_errors=True)
         raise
+
+
+def _base_params(base: Image) -> ChunkParams:
+    text = base.manifest.annotations.get(ANNOTATION_CHUNK_SIZES)
+    return ChunkParams.parse(text) if text else DEFAULT_PARAMS
 
 
 def _build_locked(
@@ -248,6 +268,7 @@ def _build_locked(
     workers: int | None,
     progress: Progress | None,
     on_new_blob: Callable[[bytes], None],
+    base: Image | None,
 ) -> BuildResult:
     store = layout.blobs
 
@@ -268,23 +289,46 @@ def _build_locked(
     )
     if progress:
         progress.done()
-    verity = {c.digest: c.verity for c in chunks}
-    rootfs_bytes = encode_rootfs(Rootfs([inodes], verity))
+    chunk_type = MEDIA_TYPE_CHUNK_ZSTD if compress else MEDIA_TYPE_CHUNK
+    chunk_layers: dict[bytes, Descriptor] = {}
+    if base is None:
+        layers = [inodes]
+        verity = {c.digest: c.verity for c in chunks}
+    else:
+        new_layer = delta_layer(inodes, base)
+        layers = [new_layer] + [list(base.rootfs.layer(i)) for i in range(base.rootfs.layer_count)]
+        used = {c.blob.digest for layer in layers for i in layer for c in i.chunks}
+        verity = {d: v for d, v in base.verity_data.items() if d in used}
+        verity.update((c.digest, c.verity) for c in chunks if c.digest in used)
+        for c in chunks:  # written for files that turned out unchanged: not needed
+            if c.new and c.digest not in used:
+                with contextlib.suppress(FileNotFoundError):
+                    store.path(Digest.from_raw(c.digest)).unlink()
+        chunks = [c for c in chunks if c.digest in used]
+        for d in base.manifest.chunk_layers:
+            if d.digest.raw in used:
+                chunk_layers.setdefault(d.digest.raw, d)
+        for raw in sorted(used - set(chunk_layers) - {c.digest for c in chunks}):
+            # a base that does not list its chunks (the reference's delta tags)
+            digest = Digest.from_raw(raw)
+            chunk_layers[raw] = Descriptor(chunk_type, digest, store.size(digest))
+    rootfs_bytes = encode_rootfs(Rootfs(layers, verity))
     rootfs_desc = Descriptor(
         MEDIA_TYPE_ROOTFS,
         put(rootfs_bytes),
         len(rootfs_bytes),
         {ANNOTATION_VERITY_ROOT: fsverity_digest(rootfs_bytes).hex()},
     )
-    chunk_type = MEDIA_TYPE_CHUNK_ZSTD if compress else MEDIA_TYPE_CHUNK
-    layers = [rootfs_desc]
+    descriptors = [rootfs_desc]
     seen: set[bytes] = set()
     for c in chunks:
         if c.digest not in seen:
             seen.add(c.digest)
-            layers.append(Descriptor(chunk_type, Digest.from_raw(c.digest), c.size))
+            descriptors.append(Descriptor(chunk_type, Digest.from_raw(c.digest), c.size))
+    descriptors += [d for raw, d in chunk_layers.items() if raw not in seen]
     put(EMPTY_CONFIG_BYTES)
-    manifest_bytes = Manifest(EMPTY_CONFIG, layers).to_bytes()
+    annotations = {ANNOTATION_CHUNK_SIZES: str(params)}
+    manifest_bytes = Manifest(EMPTY_CONFIG, descriptors, annotations).to_bytes()
     manifest_digest = put(manifest_bytes)
     layout.set_tag(tag, manifest_digest, len(manifest_bytes), lock=False)
     return BuildResult(

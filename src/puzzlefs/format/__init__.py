@@ -233,6 +233,21 @@ class RootfsReader:
         except Exception as e:
             raise MetadataError(f"corrupt inode {ino} in rootfs: {_short(e)}") from None
 
+    def max_ino(self) -> int:
+        """The highest inode number any layer stores (layers are sorted by ino)."""
+        try:
+            with self._open() as root:
+                return max(
+                    (
+                        m.inodes[n - 1].ino
+                        for m, n in zip(root.metadatas, self._layer_sizes, strict=True)
+                        if n
+                    ),
+                    default=0,
+                )
+        except Exception as e:
+            raise MetadataError(f"corrupt rootfs: {_short(e)}") from None
+
     def layer(self, layer: int) -> Iterator[Inode]:
         """Every inode of one layer, in stored order."""
         try:

@@ -117,6 +117,11 @@ class Image:
         return data
 
     @property
+    def verity_data(self) -> dict[bytes, bytes]:
+        """The rootfs's fsVerityData: chunk sha256 -> fs-verity digest (raw)."""
+        return dict(self._verity)
+
+    @property
     def chunk_digests(self) -> list[Digest]:
         """Every chunk blob any layer uses (for verify/copy), sorted."""
         return sorted(Digest.from_raw(d) for d in self._verity) or [
