@@ -85,6 +85,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_du(args: argparse.Namespace) -> int:
+    from puzzlefs.reader.usage import usage
+
+    result = usage(args.oci_dir, args.tags or None)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    head = ("files", "logical", "tar", "stored", "metadata", "shared")
+    print(f"{'tag':<24} " + " ".join(f"{h:>12}" for h in head))
+    for t in result.tags:
+        print(
+            f"{t.tag:<24} {t.files:>12} {t.logical:>12,} {t.tar:>12,} {t.stored:>12,}"
+            f" {t.metadata:>12,} {t.shared:>12,}"
+        )
+    print(f"unified: {result.unified:,} bytes ({result.unified_metadata:,} metadata)")
+    print()
+    print(result.table())
+    return 0
+
+
 def cmd_enable_fs_verity(args: argparse.Namespace) -> int:
     from puzzlefs.reader.verify import enable_fs_verity
 
@@ -162,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--json", action="store_true", help="print a JSON report")
     v.set_defaults(func=cmd_verify)
+
+    u = sub.add_parser("du", help="sizes per tag, sharing, and savings against tarballs")
+    u.add_argument("oci_dir", metavar="OCI_DIR")
+    u.add_argument("tags", nargs="*", metavar="TAG", help="default: every tag")
+    u.add_argument("--json", action="store_true", help="print JSON")
+    u.set_defaults(func=cmd_du)
 
     e = sub.add_parser(
         "enable-fs-verity", help="enable kernel fs-verity on every blob and check the chain"
