@@ -68,6 +68,32 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from puzzlefs.export import export_tar
+    from puzzlefs.reader import open_image
+
+    oci_dir, tag = _image_ref(args.image)
+    image = open_image(oci_dir, tag, verity_digest=_verity_hex(args.digest))
+    if args.out == "-":
+        export_tar(image, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return 0
+    out = Path(args.out)
+    # A temporary file beside the target, renamed into place: no half-written tar.
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            export_tar(image, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from puzzlefs.reader.verify import verify
 
@@ -174,6 +200,12 @@ def _parser() -> argparse.ArgumentParser:
         "-d", "--digest", metavar="HEX", help="check the whole fs-verity chain against this"
     )
     x.set_defaults(func=cmd_extract)
+
+    t = sub.add_parser("export", help="write an image's tree as a reproducible tar")
+    t.add_argument("image", metavar="OCI_DIR:TAG")
+    t.add_argument("out", metavar="OUT.tar", help="the tar to write, - for stdout")
+    t.add_argument("-d", "--digest", metavar="HEX", help="check the fs-verity chain")
+    t.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify", help="check that every blob of an image is present and intact")
     v.add_argument("image", metavar="OCI_DIR:TAG")
