@@ -54,7 +54,7 @@ from puzzlefs.progress import Progress
 from puzzlefs.reader import Image
 from puzzlefs.verity import fsverity_digest
 
-__all__ = ["BuildResult", "StoredChunk", "build", "build_rootfs"]
+__all__ = ["BuildResult", "StoredChunk", "build", "build_rootfs", "build_tree"]
 
 # Chunks in flight between the chunker and the workers: bounds memory (each is at most
 # the max chunk size) while keeping both cores busy.
@@ -104,9 +104,9 @@ def build_rootfs(
     order) and the chunks in stream order."""
     files: dict[Ino, list[FileChunk]] = {}
     chunks: list[StoredChunk] = []
-    regular = [(n.ino, n.path) for n in iter_regular(tree)]
+    regular = [(n.ino, n.content or n.path) for n in iter_regular(tree)]
     stream = FileStream(
-        ((ino, path) for ino, path in regular),
+        regular,
         on_file=(lambda n: progress.add("files")) if progress else None,
     )
     mapper = ChunkMapper(stream.spans)
@@ -156,11 +156,15 @@ def _inode(node: Node, files: dict[Ino, list[FileChunk]]) -> Inode:
     elif kind in (Kind.CHR, Kind.BLK):
         inode.major, inode.minor = os.major(st.st_rdev), os.minor(st.st_rdev)
     elif kind is Kind.LNK:
-        try:
-            inode.symlink_target = os.readlink(node.path)
-        except OSError as e:
-            raise BuildError(f"cannot read link {os.fsdecode(node.path)}: {e.strerror}") from None
-    inode.xattrs = _xattrs(node.path)
+        if node.symlink_target is not None:
+            inode.symlink_target = node.symlink_target
+        else:
+            try:
+                inode.symlink_target = os.readlink(node.path)
+            except OSError as e:
+                path = os.fsdecode(node.path)
+                raise BuildError(f"cannot read link {path}: {e.strerror}") from None
+    inode.xattrs = sorted(node.xattrs) if node.xattrs is not None else _xattrs(node.path)
     return inode
 
 
@@ -223,8 +227,31 @@ def build(
     are removed, index.json is only replaced at the very end, and a layout directory
     this build created is removed again.
     """
-    source = Path(rootfs_dir)
-    tree = walk(os.fsencode(source))  # before touching the destination
+    tree = walk(os.fsencode(Path(rootfs_dir)))  # before touching the destination
+    return build_tree(
+        tree,
+        oci_dir,
+        tag,
+        compress=compress,
+        params=params,
+        base_tag=base_tag,
+        workers=workers,
+        progress=progress,
+    )
+
+
+def build_tree(
+    tree: Tree,
+    oci_dir: str | os.PathLike[str],
+    tag: str,
+    *,
+    compress: bool = False,
+    params: ChunkParams | None = None,
+    base_tag: str | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build an already numbered tree (from :func:`walk`, or a tar import)."""
     oci_path = Path(oci_dir)
     created = not oci_path.exists()
     if base_tag is not None and created:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from puzzlefs.builder.walk import Region
 from puzzlefs.errors import BuildError
 from puzzlefs.format import Ino
 
@@ -29,12 +30,13 @@ class FileStream:
 
     def __init__(
         self,
-        files: Iterable[tuple[Ino, bytes]],
+        files: Iterable[tuple[Ino, bytes | Region]],
         on_file: Callable[[int], None] | None = None,
     ) -> None:
         self._files = iter(files)
         self._current: int | None = None
         self._path = b""
+        self._left: int | None = None  # bytes left in a Region
         self.offset = 0
         self.spans: list[Span] = []
         self._on_file = on_file
@@ -44,13 +46,19 @@ class FileStream:
             if self._current is None and not self._open_next():
                 return 0
             assert self._current is not None
+            if self._left is not None and len(buffer) > self._left:
+                buffer = buffer[: self._left]
             try:
-                n = os.readv(self._current, [buffer])
+                n = os.readv(self._current, [buffer]) if buffer else 0
             except OSError as e:
                 raise BuildError(f"cannot read {os.fsdecode(self._path)}: {e.strerror}") from None
             if n:
                 self.offset += n
+                if self._left is not None:
+                    self._left -= n
                 return n
+            if self._left:
+                raise BuildError(f"{os.fsdecode(self._path)} is shorter than its tar header says")
             os.close(self._current)
             self._current = None
             self.spans[-1].end = self.offset
@@ -58,9 +66,17 @@ class FileStream:
                 self._on_file(self.spans[-1].end - self.spans[-1].start)
 
     def _open_next(self) -> bool:
-        for ino, path in self._files:
+        for ino, source in self._files:
+            path = source.path if isinstance(source, Region) else source
+            flags = os.O_RDONLY | os.O_CLOEXEC
+            if not isinstance(source, Region):
+                flags |= os.O_NOFOLLOW
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(path, flags)
+                self._left = None
+                if isinstance(source, Region):
+                    os.lseek(fd, source.offset, os.SEEK_SET)
+                    self._left = source.length
             except OSError as e:
                 raise BuildError(f"cannot open {os.fsdecode(path)}: {e.strerror}") from None
             self._current = fd

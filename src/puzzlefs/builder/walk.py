@@ -13,20 +13,53 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from puzzlefs.errors import BuildError
 from puzzlefs.format import ROOT_INO, Ino
 
 
+class Stat(Protocol):
+    """The part of ``os.stat_result`` a build uses (tar imports make their own)."""
+
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_uid(self) -> int: ...
+    @property
+    def st_gid(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """File contents stored inside another file (a member of an uncompressed tar)."""
+
+    path: bytes
+    offset: int
+    length: int
+
+
 @dataclass(slots=True)
 class Node:
-    """One host inode of the source tree, as lstat saw it."""
+    """One host inode of the source tree.
+
+    For a directory walk, ``st`` is what lstat saw and contents, xattrs and link targets
+    are read from ``path``; other sources (tar layers) fill ``content``, ``xattrs`` and
+    ``symlink_target`` themselves.
+    """
 
     ino: Ino
     path: bytes
-    st: os.stat_result
+    st: Stat
     # Directories: (name, ino) in name order. Hard links point at the first number.
     entries: list[tuple[bytes, Ino]] = field(default_factory=list)
+    content: Region | None = None
+    xattrs: list[tuple[bytes, bytes]] | None = None
+    symlink_target: bytes | None = None
 
 
 @dataclass
@@ -44,13 +77,15 @@ def walk(root: bytes | str) -> Tree:
     if not stat.S_ISDIR(st.st_mode):
         raise BuildError(f"{os.fsdecode(root_b)} is not a directory")
     root_dev = st.st_dev
-    nodes = [Node(ROOT_INO, root_b, st)]
+    root_node = Node(ROOT_INO, root_b, st)
+    nodes = [root_node]
+    devices = {ROOT_INO: st.st_dev}
     by_host: dict[tuple[int, int], Ino] = {}
     next_ino = ROOT_INO + 1
-    stack = [nodes[0]]
+    stack = [root_node]
     while stack:
         parent = stack.pop()
-        if parent.st.st_dev != root_dev:
+        if devices[parent.ino] != root_dev:
             continue  # a mount point: stored as an empty directory
         subdirs: list[Node] = []
         for name in _sorted_names(parent.path):
@@ -73,6 +108,7 @@ def walk(root: bytes | str) -> Tree:
             parent.entries.append((name, ino))
             if stat.S_ISDIR(est.st_mode):
                 subdirs.append(node)
+                devices[ino] = est.st_dev
         stack.extend(reversed(subdirs))
     nodes.sort(key=lambda n: n.ino)
     return Tree(nodes, Ino(next_ino - 1))
