@@ -184,3 +184,22 @@ def test_cli_base_layer(versions: tuple[Path, Path, Path], tmp_path: Path) -> No
     )
     assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr
     assert "v3" not in ImageLayout(oci).tags()
+
+
+def test_mostly_new_tree_is_built_flat(tmp_path: Path) -> None:
+    """When most paths changed, a delta would cost more than a fresh image: -b then
+    gives exactly what a plain build gives (chunks are still shared by the store)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for i in range(20):
+        (old / f"old-{i}").write_bytes(os.urandom(1000))
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(20):
+        (new / f"new-{i}").write_bytes(os.urandom(1000))
+    (new / "old-0").write_bytes((old / "old-0").read_bytes())
+    build(old, tmp_path / "oci", "old")
+    delta = build(new, tmp_path / "oci", "new", base_tag="old")
+    plain = build(new, tmp_path / "oci2", "new")
+    assert open_image(tmp_path / "oci", "new").rootfs.layer_count == 1
+    assert delta.manifest_verity == plain.manifest_verity

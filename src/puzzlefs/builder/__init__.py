@@ -1,10 +1,10 @@
 """Build a PuzzleFS image from a directory tree.
 
 Pipeline: walk (canonical order) -> one FastCDC stream over all file contents -> each
-chunk hashed, optionally compressed, fs-verity-digested and stored by a small thread
-pool (hashlib, zstd and the verity hashing release the GIL, so both cores work) ->
-Cap'n Proto metadata -> OCI manifest -> tag. Results are consumed in chunk order, so
-the output never depends on the number of workers.
+chunk hashed, optionally compressed, fs-verity-digested and stored, by worker processes
+on large builds (:mod:`puzzlefs.builder.pipeline` says why not threads) -> Cap'n Proto
+metadata -> OCI manifest -> tag. Results are consumed in chunk order, so the output
+never depends on the number of workers.
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ import errno
 import os
 import shutil
 import stat
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from puzzlefs.builder.delta import delta_layer, renumber
+from puzzlefs.builder.delta import delta_layer, renumber, structural_change
+from puzzlefs.builder.pipeline import StoredChunk, run, worker_count
+from puzzlefs.builder.pipeline import store_chunk as _store_chunk
 from puzzlefs.builder.stream import ChunkMapper, FileStream
 from puzzlefs.builder.walk import Node, Tree, iter_regular, walk
-from puzzlefs.chunking import DEFAULT_PARAMS, ChunkParams, chunk_stream
-from puzzlefs.compression import compress_chunk
+from puzzlefs.chunking import DEFAULT_PARAMS, ChunkParams
 from puzzlefs.digest import Digest
 from puzzlefs.errors import BuildError
 from puzzlefs.format import (
@@ -56,19 +55,6 @@ from puzzlefs.verity import fsverity_digest
 
 __all__ = ["BuildResult", "StoredChunk", "build", "build_rootfs", "build_tree"]
 
-# Chunks in flight between the chunker and the workers: bounds memory (each is at most
-# the max chunk size) while keeping both cores busy.
-_MAX_IN_FLIGHT = 32
-
-
-@dataclass(frozen=True, slots=True)
-class StoredChunk:
-    digest: bytes  # raw sha256 of the stored bytes
-    verity: bytes  # fs-verity digest of the stored bytes
-    size: int  # stored size
-    compressed: bool
-    new: bool  # written by this build (not already in the store)
-
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -78,16 +64,6 @@ class BuildResult:
     chunks: int
     new_chunks: int
     data_bytes: int
-
-
-def _store_chunk(store: BlobStore, data: bytes, compress: bool) -> StoredChunk:
-    if compress:
-        stored, compressed = compress_chunk(data)
-    else:
-        stored, compressed = data, False
-    digest = Digest.of(stored)
-    new = store.put_verified(digest, stored)
-    return StoredChunk(digest.raw, fsverity_digest(stored), len(stored), compressed, new)
 
 
 def build_rootfs(
@@ -104,17 +80,19 @@ def build_rootfs(
     order) and the chunks in stream order."""
     files: dict[Ino, list[FileChunk]] = {}
     chunks: list[StoredChunk] = []
-    regular = [(n.ino, n.content or n.path) for n in iter_regular(tree)]
+    regular = [(n.ino, n.content or n.path, n.st.st_size) for n in iter_regular(tree)]
     stream = FileStream(
-        regular,
+        ((ino, source) for ino, source, _ in regular),
         on_file=(lambda n: progress.add("files")) if progress else None,
     )
     mapper = ChunkMapper(stream.spans)
-    pending: deque[tuple[Future[StoredChunk], list[tuple[Ino, int, int]]]] = deque()
 
-    def settle() -> None:
-        future, pieces = pending.popleft()
-        sc = future.result()
+    def on_chunk(length: int) -> list[tuple[Ino, int, int]]:
+        if progress:
+            progress.add("bytes", length)
+        return mapper.map(length)
+
+    def on_stored(sc: StoredChunk, pieces: list[tuple[Ino, int, int]]) -> None:
         chunks.append(sc)
         if sc.new and on_new_blob:
             on_new_blob(sc.digest)
@@ -125,22 +103,11 @@ def build_rootfs(
         if progress:
             progress.add("chunks")
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
-        try:
-            for view in chunk_stream(stream, params):
-                data = bytes(view)
-                pieces = mapper.map(len(data))
-                pending.append((pool.submit(_store_chunk, store, data, compress), pieces))
-                if progress:
-                    progress.add("bytes", len(data))
-                if len(pending) >= _MAX_IN_FLIGHT:
-                    settle()
-            while pending:
-                settle()
-        finally:
-            stream.close()
-            for future, _ in pending:
-                future.cancel()
+    n_workers = worker_count(workers, store, sum(size for _, _, size in regular))
+    try:
+        run(stream, params, store, compress, n_workers, _store_chunk, on_chunk, on_stored)
+    finally:
+        stream.close()
     return [_inode(node, files) for node in tree.nodes], chunks
 
 
@@ -204,6 +171,8 @@ def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+# Above this share of added or removed paths, -b writes a flat image (see delta.py).
+FLATTEN_ABOVE = 0.5
 # FastCDC sizes the image was cut with, so builds on it cut the same way.
 ANNOTATION_CHUNK_SIZES = "io.puzzlefs.chunk-sizes"
 
@@ -266,6 +235,8 @@ def build_tree(
             base = Image(layout, base_tag) if base_tag is not None else None
             if params is None:
                 params = _base_params(base) if base else DEFAULT_PARAMS
+            if base is not None and structural_change(tree, base) > FLATTEN_ABOVE:
+                base = None  # a flat image is smaller than a delta here (see delta.py)
             if base is not None:
                 tree = renumber(tree, base)
             result = _build_locked(

@@ -5,6 +5,11 @@ anything the base stores, in canonical walk order. The new layer holds only what
 changed (changed inodes, and directories whose entries changed, which includes the
 parents of anything added or removed) plus a ``wht`` inode for each base inode that is
 no longer reachable; lookups fall through to the base's layers for the rest.
+
+A layer costs its base's layers too (the rootfs blob holds every layer), so when most
+of the tree's paths changed (another release, not an update), a delta is larger than a
+fresh image: the builder then writes one flat layer, exactly as a plain build would,
+and still shares every unchanged chunk through the store.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from puzzlefs.builder.walk import Node, Tree
 from puzzlefs.format import Ino, Inode, Kind
 from puzzlefs.reader import Image
 
-__all__ = ["delta_layer", "renumber"]
+__all__ = ["delta_layer", "renumber", "structural_change"]
 
 
 def _paths(tree: Tree) -> dict[Ino, list[bytes]]:
@@ -27,6 +32,15 @@ def _paths(tree: Tree) -> dict[Ino, list[bytes]]:
             for name, ino in node.entries:
                 out.setdefault(ino, []).append(parent + b"/" + name if parent else name)
     return out
+
+
+def structural_change(tree: Tree, base: Image) -> float:
+    """The share of paths added or removed between ``base`` and ``tree`` (0 to 1), from
+    names alone: a cheap estimate of how much of the tree a delta layer re-renders."""
+    paths = {p for ps in _paths(tree).values() for p in ps}
+    base_paths = {path for path, _ in base.walk()}
+    changed = len(paths ^ base_paths)
+    return changed / max(1, len(paths | base_paths))
 
 
 def renumber(tree: Tree, base: Image) -> Tree:
