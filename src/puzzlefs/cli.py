@@ -167,6 +167,27 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from puzzlefs.chunking import ChunkParams
+    from puzzlefs.importer import import_image
+
+    src_dir, src_tag = _image_ref(args.source)
+    oci_dir, tag = _image_ref(args.image)
+    params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else None
+    result = import_image(
+        src_dir,
+        src_tag,
+        oci_dir,
+        tag,
+        compress=args.compression,
+        params=params,
+        tmp_dir=args.tmpdir,
+        progress=True,
+    )
+    print(f"puzzlefs image manifest digest: {result.manifest_verity}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="puzzlefs",
@@ -274,6 +295,31 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount a puzzlefs mount")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.set_defaults(func=cmd_umount)
+
+    i = sub.add_parser(
+        "import",
+        help="import an OCI image of tar layers (docker, skopeo, umoci, buildah)",
+        description="Import an OCI image layout whose layers are tars (plain, gzip or zstd; "
+        "OCI or Docker media types; an image index gives linux on this machine's "
+        "architecture) as a puzzlefs image, without extracting it: the layers are "
+        "applied with the OCI whiteout rules and the result equals `build` of the "
+        "unpacked tree. Every blob is checked against its digest; the uncompressed "
+        "layers are spooled in a temporary directory, removed afterwards.",
+    )
+    i.add_argument("source", metavar="SRC_OCI_DIR:TAG", help="the image to import")
+    i.add_argument("image", metavar="OCI_DIR:TAG", help="where to store it, and its tag")
+    i.add_argument("-c", "--compression", action="store_true", help="store chunks zstd-compressed")
+    i.add_argument(
+        "--chunk-sizes",
+        metavar="MIN:AVG:MAX",
+        help="FastCDC chunk sizes (default: 16K:64K:256K, the reference's)",
+    )
+    i.add_argument(
+        "--tmpdir",
+        metavar="DIR",
+        help="where to spool the uncompressed layers (default: $TMPDIR, else /var/tmp)",
+    )
+    i.set_defaults(func=cmd_import)
     return p
 
 

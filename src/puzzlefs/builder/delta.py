@@ -15,8 +15,9 @@ and still shares every unchanged chunk through the store.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
-from puzzlefs.builder.walk import Node, Tree
+from puzzlefs.builder.walk import Tree
 from puzzlefs.format import Ino, Inode, Kind
 from puzzlefs.reader import Image
 
@@ -62,7 +63,7 @@ def renumber(tree: Tree, base: Image) -> Tree:
             mapping[node.ino] = Ino(next_ino)
             next_ino += 1
     nodes = [
-        Node(mapping[n.ino], n.path, n.st, [(name, mapping[ino]) for name, ino in n.entries])
+        replace(n, ino=mapping[n.ino], entries=[(name, mapping[ino]) for name, ino in n.entries])
         for n in tree.nodes
     ]
     nodes.sort(key=lambda n: n.ino)

@@ -46,10 +46,11 @@ class FileStream:
             if self._current is None and not self._open_next():
                 return 0
             assert self._current is not None
-            if self._left is not None and len(buffer) > self._left:
-                buffer = buffer[: self._left]
+            view = buffer  # a Region's end limits this read only, not the next file's
+            if self._left is not None and len(view) > self._left:
+                view = view[: self._left]
             try:
-                n = os.readv(self._current, [buffer]) if buffer else 0
+                n = os.readv(self._current, [view]) if view else 0
             except OSError as e:
                 raise BuildError(f"cannot read {os.fsdecode(self._path)}: {e.strerror}") from None
             if n:
