@@ -1,0 +1,53 @@
+"""Golden digests: a fixed tree must always give these exact images. Any change to the
+walk, the chunker, the compressor, the Cap'n Proto layout or the JSON writers shows up
+here first (and would break de-duplication against every image already stored)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from puzzlefs import build
+
+GOLDEN = {
+    False: "PLAIN",
+    True: "ZSTD",
+}
+
+
+def make_tree(root: Path) -> None:
+    rng = random.Random(20261126)
+    text = b"".join(rng.choice([b"alpha ", b"beta ", b"gamma\n", b"delta "]) for _ in range(60_000))
+    files = {
+        "bin/tool": rng.randbytes(700_000),
+        "etc/config": b"key = value\n" * 40,
+        "etc/empty": b"",
+        "usr/share/doc/text": text,
+        "usr/share/doc/text-copy": text,
+        "usr/lib/a.so": rng.randbytes(300_000) + text[:100_000],
+    }
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.chmod(path, 0o644)
+    os.chmod(root / "bin/tool", 0o755)
+    os.symlink("../lib/a.so", root / "usr/share/link")
+    os.link(root / "etc/config", root / "etc/config-hardlink")
+    for dirpath, _, _ in os.walk(root):
+        os.chmod(dirpath, 0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in [*dirnames, *filenames, "."]:
+            os.lchown(os.path.join(dirpath, n), 0, 0)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_golden_manifest_digest(tmp_path: Path, compress: bool) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the tree fixed owners")
+    make_tree(tmp_path / "tree")
+    result = build(tmp_path / "tree", tmp_path / "oci", "golden", compress=compress)
+    assert result.manifest_verity == GOLDEN[compress]
