@@ -13,8 +13,8 @@ import pytest
 from puzzlefs import build
 
 GOLDEN = {
-    False: "PLAIN",
-    True: "ZSTD",
+    False: "bd978130a08b4705a14694c87b318e18f30ef70a659d643f50dfe916047738fe",
+    True: "6aa158011e384ab38e726f88c0aead55f4a2d84cc7dfece07391a9089ea134a8",
 }
 
 
