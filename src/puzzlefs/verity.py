@@ -165,10 +165,28 @@ def _digest_of(tree: _MerkleTree) -> bytes:
 
 def fsverity_digest(data: bytes | bytearray | memoryview) -> bytes:
     """The 32-byte fs-verity digest the kernel would report for a file holding *data*."""
-    tree = _MerkleTree()
     with memoryview(data) as view, view.cast("B") as octets:
+        size = len(octets)
+        if size <= _ONE_LEVEL:
+            return _sha256(pack_descriptor(size, _small_root(octets))).digest()
+        tree = _MerkleTree()
         tree.update(octets)
     return _digest_of(tree)
+
+
+# Data up to this size has a tree of at most one block of leaf hashes above it. Every
+# chunk a build stores is that small (256 KiB by default), so it skips the streaming
+# tree: one list of leaf hashes, at most one more hash.
+_ONE_LEVEL = BLOCK_SIZE * (BLOCK_SIZE // DIGEST_SIZE)
+
+
+def _small_root(data: memoryview) -> bytes:
+    if not data:
+        return _ZERO_ROOT
+    leaves = _hash_blocks(data)
+    if len(data) <= BLOCK_SIZE:
+        return leaves  # a single block is its own root
+    return _sha256(leaves + _ZERO_BLOCK[len(leaves) :]).digest()
 
 
 def fsverity_digest_fd(fd: int, *, read_size: int = _READ_SIZE) -> bytes:

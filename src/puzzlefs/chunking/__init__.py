@@ -15,7 +15,7 @@ import pyfastcdc
 
 from puzzlefs.errors import UsageError
 
-__all__ = ["DEFAULT_PARAMS", "ChunkParams", "Readable", "chunk_stream"]
+__all__ = ["DEFAULT_PARAMS", "ChunkParams", "Cutter", "Readable", "chunk_stream"]
 
 
 class Readable(Protocol):
@@ -63,17 +63,50 @@ def _parse_size(text: str) -> int:
 DEFAULT_PARAMS = ChunkParams()
 
 
+def _fastcdc(params: ChunkParams) -> pyfastcdc.FastCDC:
+    return pyfastcdc.FastCDC(
+        params.avg,
+        min_size=params.min,
+        max_size=params.max,
+        normalized_chunking=params.normalization,  # type: ignore[arg-type]
+    )
+
+
 def chunk_stream(stream: Readable, params: ChunkParams = DEFAULT_PARAMS) -> Iterator[memoryview]:
     """Yield the chunks of ``stream`` in order.
 
     Each memoryview is only valid until the next one is requested (pyfastcdc reuses its
     buffer): copy it if it must outlive the iteration step.
     """
-    cdc = pyfastcdc.FastCDC(
-        params.avg,
-        min_size=params.min,
-        max_size=params.max,
-        normalized_chunking=params.normalization,  # type: ignore[arg-type]
-    )
-    for chunk in cdc.cut_stream(stream):
+    for chunk in _fastcdc(params).cut_stream(stream):
         yield chunk.data
+
+
+class Cutter:
+    """FastCDC over a stream that the caller reads into buffers of its own.
+
+    Gives exactly the cut points of :func:`chunk_stream`: where a chunk ends depends
+    only on the ``max`` bytes after its start, so a chunk that starts at least ``max``
+    bytes before the end of the data read so far is final. The caller keeps the
+    buffers, so chunks can be handed on as views, without the copy that
+    :func:`chunk_stream`'s reused buffer forces.
+    """
+
+    def __init__(self, params: ChunkParams = DEFAULT_PARAMS) -> None:
+        self._cdc = _fastcdc(params)
+        self._max = params.max
+
+    def cut(self, data: memoryview, final: bool) -> tuple[list[int], int]:
+        """The lengths of the chunks that ``data`` (the stream's next bytes) starts
+        with, and how many bytes they cover. Unless ``final`` (``data`` ends the
+        stream), the rest is the start of a chunk that needs more data: pass it again,
+        followed by the next bytes."""
+        lengths: list[int] = []
+        last_start = len(data) - self._max  # the last start whose chunk is final
+        start = 0
+        for chunk in self._cdc.cut_buf(data):
+            if start > last_start and not final:
+                break
+            lengths.append(chunk.length)
+            start += chunk.length
+        return lengths, start

@@ -8,6 +8,7 @@ reference (and so other blob digests, and no de-duplication against its images).
 from __future__ import annotations
 
 import bisect
+import io
 import struct
 import threading
 from itertools import accumulate
@@ -28,12 +29,15 @@ _CHECKSUM_FLAG = 0x80
 # us allocate gigabytes. The reference writes 4 KiB frames; 16 MiB leaves room.
 MAX_FRAME_DECOMPRESSED = 16 * 1024 * 1024
 
+_FLUSH_FRAME = zstandard.FLUSH_FRAME
+
 _local = threading.local()
 
 
 def _compressor() -> zstandard.ZstdCompressor:
     # A ZstdCompressor is not thread-safe; one per thread, reused across frames (a
-    # fresh compressobj() resets it, and gives the same bytes as a new compressor).
+    # fresh stream_writer() or compressobj() resets it, and gives the same bytes as a
+    # new compressor).
     c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
     if c is None:
         c = zstandard.ZstdCompressor(level=LEVEL, write_content_size=False)
@@ -50,21 +54,31 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def compress_seekable(data: bytes | memoryview, frame_size: int = DEFAULT_FRAME_SIZE) -> bytes:
-    """Compress ``data`` into the seekable format (always; see compress_chunk)."""
-    cctx = _compressor()
+    """Compress ``data`` into the seekable format (always; see compress_chunk).
+
+    Every frame goes through one stream writer: ``write`` (zstd only buffers the
+    piece) then ``flush(FLUSH_FRAME)`` compresses it and ends the frame, so each frame
+    starts as a stream of unknown size, byte for byte what a fresh ``compressobj()``
+    gives, with fewer Python objects per 4 KiB frame and the frames gathered in one
+    buffer instead of joined at the end.
+    """
     mv = memoryview(data)
-    frames: list[bytes] = []
-    table = bytearray()
+    out = io.BytesIO()
+    writer = _compressor().stream_writer(out, closefd=False)
+    sizes: list[int] = []  # compressed, decompressed, per frame
+    tell, end = out.tell, 0
     for start in range(0, len(mv), frame_size):
         piece = mv[start : start + frame_size]
-        cobj = cctx.compressobj()
-        frame = cobj.compress(piece) + cobj.flush()
-        frames.append(frame)
-        table += struct.pack("<II", len(frame), len(piece))
-    table += _FOOTER.pack(len(frames), 0, SEEKABLE_MAGIC)
-    frames.append(_SKIP_HEADER.pack(SKIPPABLE_MAGIC, len(table)))
-    frames.append(bytes(table))
-    return b"".join(frames)
+        writer.write(piece)
+        writer.flush(_FLUSH_FRAME)
+        frame_end = tell()
+        sizes += (frame_end - end, len(piece))
+        end = frame_end
+    nframes = len(sizes) // 2
+    out.write(_SKIP_HEADER.pack(SKIPPABLE_MAGIC, nframes * 8 + _FOOTER.size))
+    out.write(struct.pack(f"<{len(sizes)}I", *sizes))
+    out.write(_FOOTER.pack(nframes, 0, SEEKABLE_MAGIC))
+    return out.getvalue()
 
 
 def compress_chunk(
