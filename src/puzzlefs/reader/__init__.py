@@ -7,6 +7,6 @@ it. Every blob is checked against its sha256 before a byte of it is used (and, w
 digest); decoded inodes and blobs live in bounded LRU caches.
 """
 
-from puzzlefs.reader._image import Image, InodeAttr, is_valid_name, open_image
+from puzzlefs.reader._image import Image, InodeAttr, NotFound, is_valid_name, open_image
 
-__all__ = ["Image", "InodeAttr", "is_valid_name", "open_image"]
+__all__ = ["Image", "InodeAttr", "NotFound", "is_valid_name", "open_image"]
