@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from puzzlefs.builder.delta import delta_layer, renumber, structural_change
+from puzzlefs.builder.delta import delta_layer, delta_pays, renumber
 from puzzlefs.builder.pipeline import StoredChunk, run, worker_count
 from puzzlefs.builder.pipeline import store_chunk as _store_chunk
 from puzzlefs.builder.stream import ChunkMapper, FileStream
@@ -171,8 +171,6 @@ def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-# Above this share of added or removed paths, -b writes a flat image (see delta.py).
-FLATTEN_ABOVE = 0.5
 # FastCDC sizes the image was cut with, so builds on it cut the same way.
 ANNOTATION_CHUNK_SIZES = "io.puzzlefs.chunk-sizes"
 
@@ -235,8 +233,8 @@ def build_tree(
             base = Image(layout, base_tag) if base_tag is not None else None
             if params is None:
                 params = _base_params(base) if base else DEFAULT_PARAMS
-            if base is not None and structural_change(tree, base) > FLATTEN_ABOVE:
-                base = None  # a flat image is smaller than a delta here (see delta.py)
+            if base is not None and not delta_pays(tree, base):
+                base = None  # a flat image is smaller than a delta here
             if base is not None:
                 tree = renumber(tree, base)
             result = _build_locked(

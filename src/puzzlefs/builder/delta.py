@@ -7,13 +7,15 @@ parents of anything added or removed) plus a ``wht`` inode for each base inode t
 no longer reachable; lookups fall through to the base's layers for the rest.
 
 A layer costs its base's layers too (the rootfs blob holds every layer), so when most
-of the tree's paths changed (another release, not an update), a delta is larger than a
-fresh image: the builder then writes one flat layer, exactly as a plain build would,
-and still shares every unchanged chunk through the store.
+of the tree's paths changed (another release, not an update), or the base's layers
+have grown past twice the tree, a delta is larger than a fresh image: the builder
+then writes one flat layer, exactly as a plain build would, and still shares every
+unchanged chunk through the store (see :func:`delta_pays`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -21,7 +23,7 @@ from puzzlefs.builder.walk import Tree
 from puzzlefs.format import Ino, Inode, Kind
 from puzzlefs.reader import Image
 
-__all__ = ["delta_layer", "renumber", "structural_change"]
+__all__ = ["delta_layer", "delta_pays", "renumber"]
 
 
 def _paths(tree: Tree) -> dict[Ino, list[bytes]]:
@@ -35,13 +37,21 @@ def _paths(tree: Tree) -> dict[Ino, list[bytes]]:
     return out
 
 
-def structural_change(tree: Tree, base: Image) -> float:
-    """The share of paths added or removed between ``base`` and ``tree`` (0 to 1), from
-    names alone: a cheap estimate of how much of the tree a delta layer re-renders."""
+def delta_pays(tree: Tree, base: Image) -> bool:
+    """Whether a layer on ``base`` is likely smaller than a flat image of ``tree``.
+
+    The rootfs blob holds every layer, so a delta costs the base's layers plus the new
+    one, while a flat image costs one layer of the tree. Estimated from names alone
+    (before any data is read): paths added or removed stand for the new layer. A
+    chain therefore grows while its layers stay under twice a flat image, then starts
+    again from a flat one: metadata never costs more than about twice the tree.
+    """
     paths = {p for ps in _paths(tree).values() for p in ps}
     base_paths = {path for path, _ in base.walk()}
     changed = len(paths ^ base_paths)
-    return changed / max(1, len(paths | base_paths))
+    if changed > len(paths | base_paths) / 2:
+        return False  # another release rather than an update
+    return base.rootfs.inode_count() + changed <= 2 * len(tree.nodes)
 
 
 def renumber(tree: Tree, base: Image) -> Tree:
@@ -77,10 +87,36 @@ def delta_layer(inodes: Iterable[Inode], base: Image) -> list[Inode]:
     base_max = base.rootfs.max_ino()
     present = {i.ino for i in inodes}
     # Numbers above the base's maximum are new; the others were taken from base paths.
-    layer = [i for i in inodes if i.ino > base_max or base.find(i.ino) != i]
+    layer = [i for i in inodes if i.ino > base_max or _changed(i, base)]
     for _, old in base.walk():
         if old.ino not in present:
             present.add(old.ino)
             layer.append(Inode(old.ino, Kind.WHT))
     layer.sort(key=lambda i: i.ino)
     return layer
+
+
+def _changed(new: Inode, base: Image) -> bool:
+    """Whether ``new`` differs from the base's inode of the same number.
+
+    Chunks span file boundaries, so an unchanged small file often lands in a new chunk
+    beside a changed neighbour: its chunk list differs while its bytes do not. Such a
+    file keeps the base's inode (and the new chunks nothing else needs are dropped),
+    which keeps delta layers to what really changed.
+    """
+    old = base.find(new.ino)
+    if old is None or old == new:
+        return old is None
+    if new.kind is not Kind.FILE or old.kind is not Kind.FILE or new.size != old.size:
+        return True
+    if replace(new, chunks=old.chunks) != old:
+        return True  # metadata changed
+    # Both chunk lists live in the same store, so the base image reads either.
+    return _content_hash(base, new) != _content_hash(base, old)
+
+
+def _content_hash(image: Image, inode: Inode) -> bytes:
+    h = hashlib.sha256()
+    for piece in image.read_all(inode):
+        h.update(piece)
+    return h.digest()

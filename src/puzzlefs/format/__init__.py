@@ -233,6 +233,10 @@ class RootfsReader:
         except Exception as e:
             raise MetadataError(f"corrupt inode {ino} in rootfs: {_short(e)}") from None
 
+    def inode_count(self) -> int:
+        """Inodes stored in all layers (what the rootfs blob's size grows with)."""
+        return sum(self._layer_sizes)
+
     def max_ino(self) -> int:
         """The highest inode number any layer stores (layers are sorted by ino)."""
         try:
