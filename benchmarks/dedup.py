@@ -62,7 +62,13 @@ def dir_bytes(path: Path) -> int:
 
 
 def run_puzzlefs(
-    trees: list[Path], work: Path, name: str, compress: bool, chained: bool, params: ChunkParams
+    trees: list[Path],
+    work: Path,
+    name: str,
+    compress: bool,
+    chained: bool,
+    params: ChunkParams,
+    frame_size: int = 4096,
 ) -> Run:
     oci = work / name
     shutil.rmtree(oci, ignore_errors=True)
@@ -76,6 +82,7 @@ def run_puzzlefs(
             oci,
             tree.name,
             compress=compress,
+            frame_size=frame_size,
             params=params,
             base_tag=BASE_OVERRIDE.get(tree.name, prev) if chained and prev else None,
         )
@@ -182,6 +189,13 @@ def main() -> int:
                         f"  {label}: {r.store_bytes / MB:.1f} MB in {r.seconds:.1f}s",
                         file=sys.stderr,
                     )
+        for frame in (65536, 1 << 20):
+            label = (
+                f"puzzlefs {settings[0]} -c --zstd-frame-size {frame // 1024}K (independent builds)"
+            )
+            r = run_puzzlefs(trees, work, "oci", True, False, ChunkParams.parse(settings[0]), frame)
+            runs.append((label, r))
+            print(f"  {label}: {r.store_bytes / MB:.1f} MB in {r.seconds:.1f}s", file=sys.stderr)
         print("| store | total MB | saved vs tars | metadata MB | build s | patched version adds |")
         print("|---|---:|---:|---:|---:|---|")
         for name, total, secs, patch in rows:

@@ -121,3 +121,38 @@ def test_several_tags_share_one_store(tmp_path: Path) -> None:
     assert sorted(tags) == ["one", "two"]
     assert tags["one"].digest == tags["two"].digest
     assert blobs <= set(os.listdir(tmp_path / "oci/blobs/sha256"))
+
+
+def test_larger_zstd_frames(tmp_path: Path) -> None:
+    """Any frame size gives a valid seekable blob: smaller stores, same contents."""
+    src = tmp_path / "src"
+    src.mkdir()
+    text = b"".join(b"line %d of a compressible file\n" % i for i in range(40_000))
+    (src / "text").write_bytes(text)
+    small = build(src, tmp_path / "oci", "4k", compress=True)
+    large = build(src, tmp_path / "oci", "64k", compress=True, frame_size=65536)
+    assert large.manifest_verity != small.manifest_verity
+    sizes = {}
+    for tag in ("4k", "64k"):
+        image = open_image(tmp_path / "oci", tag)
+        inode = image.resolve_path("text")
+        assert b"".join(image.read_all(inode)) == text
+        assert image.read(inode, 100_000, 5000) == text[100_000:105_000]
+        sizes[tag] = sum(d.size for d in image.manifest.chunk_layers)
+    assert sizes["64k"] < sizes["4k"]
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "puzzlefs",
+            "build",
+            "-c",
+            "--zstd-frame-size",
+            "100",
+            str(src),
+            f"{tmp_path}/oci:x",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("Error: ")

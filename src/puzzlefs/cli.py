@@ -25,6 +25,18 @@ def _image_ref(text: str) -> tuple[Path, str]:
     return parse_image_ref(text)
 
 
+def _frame_size(text: str | None) -> int:
+    from puzzlefs.chunking import parse_size
+    from puzzlefs.compression import DEFAULT_FRAME_SIZE, MAX_FRAME_DECOMPRESSED
+
+    if text is None:
+        return DEFAULT_FRAME_SIZE
+    size = parse_size(text)
+    if not 512 <= size <= MAX_FRAME_DECOMPRESSED:
+        raise UsageError(f"the zstd frame size must be 512 bytes to 16M, got {text!r}")
+    return size
+
+
 def _verity_hex(text: str | None) -> str | None:
     """A manifest fs-verity digest as build prints it: 64 hex digits."""
     if text is None:
@@ -49,6 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         oci_dir,
         tag,
         compress=args.compression,
+        frame_size=_frame_size(args.zstd_frame_size),
         params=params,
         base_tag=args.base_layer,
         progress=Progress("building"),
@@ -201,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("image", metavar="OCI_DIR:TAG", help="where to store it, and its tag")
     b.add_argument("legacy_tag", nargs="?", metavar="TAG", help=argparse.SUPPRESS)
     b.add_argument("-c", "--compression", action="store_true", help="store chunks zstd-compressed")
+    b.add_argument(
+        "--zstd-frame-size",
+        metavar="SIZE",
+        help="with -c: bytes per zstd frame (default 4K, the reference's: fastest random"
+        " reads; 64K stores about 11%% less, see README)",
+    )
     b.add_argument(
         "-b",
         "--base-layer",

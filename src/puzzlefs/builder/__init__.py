@@ -24,6 +24,7 @@ from puzzlefs.builder.pipeline import store_chunk as _store_chunk
 from puzzlefs.builder.stream import ChunkMapper, FileStream
 from puzzlefs.builder.walk import Node, Tree, iter_regular, walk
 from puzzlefs.chunking import DEFAULT_PARAMS, ChunkParams
+from puzzlefs.compression import DEFAULT_FRAME_SIZE
 from puzzlefs.digest import Digest
 from puzzlefs.errors import BuildError
 from puzzlefs.format import (
@@ -71,6 +72,7 @@ def build_rootfs(
     store: BlobStore,
     *,
     compress: bool = False,
+    frame_size: int = DEFAULT_FRAME_SIZE,
     params: ChunkParams = DEFAULT_PARAMS,
     workers: int | None = None,
     progress: Progress | None = None,
@@ -105,7 +107,8 @@ def build_rootfs(
 
     n_workers = worker_count(workers, store, sum(size for _, _, size in regular))
     try:
-        run(stream, params, store, compress, n_workers, _store_chunk, on_chunk, on_stored)
+        frames = frame_size if compress else 0
+        run(stream, params, store, frames, n_workers, _store_chunk, on_chunk, on_stored)
     finally:
         stream.close()
     return [_inode(node, files) for node in tree.nodes], chunks
@@ -181,6 +184,7 @@ def build(
     tag: str,
     *,
     compress: bool = False,
+    frame_size: int = DEFAULT_FRAME_SIZE,
     params: ChunkParams | None = None,
     base_tag: str | None = None,
     workers: int | None = None,
@@ -200,6 +204,7 @@ def build(
         oci_dir,
         tag,
         compress=compress,
+        frame_size=frame_size,
         params=params,
         base_tag=base_tag,
         workers=workers,
@@ -213,6 +218,7 @@ def build_tree(
     tag: str,
     *,
     compress: bool = False,
+    frame_size: int = DEFAULT_FRAME_SIZE,
     params: ChunkParams | None = None,
     base_tag: str | None = None,
     workers: int | None = None,
@@ -238,7 +244,16 @@ def build_tree(
             if base is not None:
                 tree = renumber(tree, base)
             result = _build_locked(
-                tree, layout, tag, compress, params, workers, progress, new_blobs.append, base
+                tree,
+                layout,
+                tag,
+                compress,
+                frame_size,
+                params,
+                workers,
+                progress,
+                new_blobs.append,
+                base,
             )
         return result
     except BaseException:
@@ -260,6 +275,7 @@ def _build_locked(
     layout: ImageLayout,
     tag: str,
     compress: bool,
+    frame_size: int,
     params: ChunkParams,
     workers: int | None,
     progress: Progress | None,
@@ -278,6 +294,7 @@ def _build_locked(
         tree,
         store,
         compress=compress,
+        frame_size=frame_size,
         params=params,
         workers=workers,
         progress=progress,

@@ -57,13 +57,14 @@ class StoredChunk:
     new: bool  # written by this build (not already in the store)
 
 
-StoreChunk = Callable[[BlobStore, memoryview, bool], StoredChunk]
+# ``compress`` below is the zstd frame size in bytes, 0 for no compression.
+StoreChunk = Callable[[BlobStore, memoryview, int], StoredChunk]
 
 
-def store_chunk(store: BlobStore, data: memoryview, compress: bool) -> StoredChunk:
+def store_chunk(store: BlobStore, data: memoryview, compress: int) -> StoredChunk:
     stored: bytes | memoryview
     if compress:
-        stored, compressed = compress_chunk(data)
+        stored, compressed = compress_chunk(data, compress)
     else:
         stored, compressed = data, False
     digest = Digest.of(stored)
@@ -99,7 +100,7 @@ def run(
     stream: Readable,
     params: ChunkParams,
     store: BlobStore,
-    compress: bool,
+    compress: int,
     workers: int,
     store_one: StoreChunk,
     on_chunk: Callable[[int], E],
@@ -176,7 +177,7 @@ class _Inline(_Pipeline[E]):
         self,
         size: int,
         store: BlobStore,
-        compress: bool,
+        compress: int,
         store_one: StoreChunk,
         on_stored: Callable[[StoredChunk, E], None],
     ) -> None:
@@ -195,12 +196,12 @@ class _Inline(_Pipeline[E]):
 
 
 # A worker process's share of the build, set when it starts.
-_worker: tuple[memoryview, int, BlobStore, bool, StoreChunk] | None = None
+_worker: tuple[memoryview, int, BlobStore, int, StoreChunk] | None = None
 _Result = tuple[bytes, bytes, int, bool, bool]
 
 
 def _start_worker(
-    shared: mmap.mmap, size: int, store: BlobStore, compress: bool, store_one: StoreChunk
+    shared: mmap.mmap, size: int, store: BlobStore, compress: int, store_one: StoreChunk
 ) -> None:
     global _worker
     # Ctrl-C is the main process's to handle: it waits for the tasks in flight, so
@@ -238,7 +239,7 @@ class _Workers(_Pipeline[E]):
         size: int,
         workers: int,
         store: BlobStore,
-        compress: bool,
+        compress: int,
         store_one: StoreChunk,
         on_stored: Callable[[StoredChunk, E], None],
     ) -> None:

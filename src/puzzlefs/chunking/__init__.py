@@ -15,7 +15,7 @@ import pyfastcdc
 
 from puzzlefs.errors import UsageError
 
-__all__ = ["DEFAULT_PARAMS", "ChunkParams", "Cutter", "Readable", "chunk_stream"]
+__all__ = ["parse_size", "DEFAULT_PARAMS", "ChunkParams", "Cutter", "Readable", "chunk_stream"]
 
 
 class Readable(Protocol):
@@ -46,13 +46,14 @@ class ChunkParams:
         parts = text.split(":")
         if len(parts) != 3:
             raise UsageError(f"chunk sizes must be MIN:AVG:MAX, got {text!r}")
-        return cls(*(_parse_size(p) for p in parts))
+        return cls(*(parse_size(p) for p in parts))
 
     def __str__(self) -> str:
         return f"{self.min}:{self.avg}:{self.max}"
 
 
-def _parse_size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """``65536``, ``64K``, ``64KiB``, ``1M``: a size in bytes."""
     m = re.fullmatch(r"(\d+)([KkMm]?)(?:i?B)?", text.strip())
     if not m:
         raise UsageError(f"not a size: {text!r}")

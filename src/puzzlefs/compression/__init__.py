@@ -7,6 +7,7 @@ a reader can decompress just the frames that cover the bytes it wants.
 
 from puzzlefs.compression._seekable import (
     DEFAULT_FRAME_SIZE,
+    MAX_FRAME_DECOMPRESSED,
     SeekableBlob,
     compress_chunk,
     compress_seekable,
@@ -15,6 +16,7 @@ from puzzlefs.compression._seekable import (
 
 __all__ = [
     "DEFAULT_FRAME_SIZE",
+    "MAX_FRAME_DECOMPRESSED",
     "SeekableBlob",
     "compress_chunk",
     "compress_seekable",
