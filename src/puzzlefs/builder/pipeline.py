@@ -29,15 +29,17 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from puzzlefs.chunking import ChunkParams, Cutter, Readable
 from puzzlefs.compression import compress_chunk
 from puzzlefs.digest import Digest
 from puzzlefs.oci.store import BlobStore, DiskBlobStore
 from puzzlefs.verity import fsverity_digest
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 __all__ = ["StoreChunk", "StoredChunk", "run", "store_chunk", "worker_count"]
 
@@ -46,6 +48,8 @@ __all__ = ["StoreChunk", "StoredChunk", "run", "store_chunk", "worker_count"]
 BUFFER_SIZE = 4 << 20
 # Below this much file data, starting worker processes costs more than it saves.
 PARALLEL_MIN_BYTES = 16 << 20
+# One process reads and cuts (about 1 GB/s); more workers than this would wait for it.
+MAX_DEFAULT_WORKERS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,7 @@ StoreChunk = Callable[[BlobStore, memoryview, int], StoredChunk]
 
 
 def store_chunk(store: BlobStore, data: memoryview, compress: int) -> StoredChunk:
+    """Store one chunk. ``data`` is a view into a buffer that is reused afterwards."""
     stored: bytes | memoryview
     if compress:
         stored, compressed = compress_chunk(data, compress)
@@ -75,7 +80,7 @@ def store_chunk(store: BlobStore, data: memoryview, compress: int) -> StoredChun
 def worker_count(workers: int | None, store: BlobStore, data_bytes: int) -> int:
     """How many worker processes a build uses; 0 means inline."""
     if workers is None:
-        workers = _cpus() if data_bytes >= PARALLEL_MIN_BYTES else 1
+        workers = min(_cpus(), MAX_DEFAULT_WORKERS) if data_bytes >= PARALLEL_MIN_BYTES else 1
     if (
         workers <= 1
         or not isinstance(store, DiskBlobStore)
@@ -251,6 +256,9 @@ class _Workers(_Pipeline[E]):
         self._free = deque(range(count))
         self._pending: deque[tuple[Future[list[_Result]] | None, int, list[E]]] = deque()
         self._on_stored = on_stored
+        # Imported here: most of multiprocessing, which small builds never need.
+        from concurrent.futures import ProcessPoolExecutor
+
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("fork"),

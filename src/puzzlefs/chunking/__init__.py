@@ -105,8 +105,12 @@ class Cutter:
         lengths: list[int] = []
         last_start = len(data) - self._max  # the last start whose chunk is final
         start = 0
-        for chunk in self._cdc.cut_buf(data):
-            if start > last_start and not final:
+        chunks = self._cdc.cut_buf(data)
+        # Stop before asking for a chunk that may not be final: it would be cut for
+        # nothing, and again with the next data.
+        while final or start <= last_start:
+            chunk = next(chunks, None)
+            if chunk is None:
                 break
             lengths.append(chunk.length)
             start += chunk.length
