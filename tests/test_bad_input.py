@@ -175,12 +175,14 @@ def test_huge_chunk_length_refused(image: Path, tmp_path: Path) -> None:
     assert_clean_error(run("extract", f"{image}:good", str(tmp_path / "o")), "outside")
 
 
-def test_failed_build_leaves_store_as_it_was(image: Path, tmp_path: Path) -> None:
+# 1 MB is stored inline; 24 MB is past PARALLEL_MIN_BYTES: worker processes store it.
+@pytest.mark.parametrize("file_size", [500_000, 12 << 20], ids=["inline", "workers"])
+def test_failed_build_leaves_store_as_it_was(image: Path, tmp_path: Path, file_size: int) -> None:
     before = snapshot(image)
     src = tmp_path / "src2"
     src.mkdir()
-    (src / "new-data").write_bytes(os.urandom(500_000))
-    (src / "more-data").write_bytes(os.urandom(500_000))
+    (src / "new-data").write_bytes(os.urandom(file_size))
+    (src / "more-data").write_bytes(os.urandom(file_size))
     # Fail after some chunks were stored (root can read anything, so simulate it).
     proc = subprocess.run(
         [sys.executable, "-c", _FAILING_BUILD, str(src), f"{image}:good"],

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from puzzlefs.builder.stream import ChunkMapper, FileStream
-from puzzlefs.chunking import ChunkParams, chunk_stream
+from puzzlefs.chunking import ChunkParams, Cutter, chunk_stream
 from puzzlefs.compression import SeekableBlob, compress_chunk, compress_seekable
 from puzzlefs.format import (
     BlobRef,
@@ -49,6 +49,29 @@ def test_chunks_cover_the_stream_within_bounds(data: bytes) -> None:
     assert b"".join(chunks) == data
     assert all(len(c) <= SMALL.max for c in chunks)
     assert all(len(c) >= SMALL.min for c in chunks[:-1])
+
+
+@given(_data(), st.lists(st.integers(1, 4000), max_size=10))
+@settings(max_examples=200, deadline=None)
+def test_cutter_over_any_buffers_cuts_like_one_stream(data: bytes, reads: list[int]) -> None:
+    # The build pipeline feeds the Cutter buffer by buffer, carrying the unfinished
+    # tail over: whatever the buffer sizes, the cut points are the one stream's.
+    expected = [len(c) for c in chunk_stream(io.BytesIO(data), SMALL)]
+    cutter = Cutter(SMALL)
+    lengths: list[int] = []
+    carry, pos = b"", 0
+    for n in [*reads, len(data)]:
+        new, pos = data[pos : pos + n], pos + n
+        final = pos >= len(data)
+        buf = carry + new
+        cut, covered = cutter.cut(memoryview(buf), final)
+        assert sum(cut) == covered
+        lengths += cut
+        carry = buf[covered:]
+        if final:
+            break
+    assert carry == b""
+    assert lengths == expected
 
 
 @given(st.lists(_data(), max_size=6))
