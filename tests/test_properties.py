@@ -181,3 +181,8 @@ def test_capnp_round_trip(rootfs: Rootfs) -> None:
     for layer_index, layer in enumerate(rootfs.layers):
         for inode in layer:
             assert reader.find(inode.ino, layer_index) == inode
+            # What the mount decodes: sizes first, chunk lists only when read.
+            lazy = reader.find(inode.ino, layer_index, lazy=True)
+            assert lazy is not None and lazy.size == inode.size
+            assert lazy == inode
+        assert list(reader.layer(layer_index, lazy=True)) == layer

@@ -29,6 +29,7 @@ __all__ = [
     "Ino",
     "Inode",
     "Kind",
+    "LazyChunks",
     "Rootfs",
     "RootfsReader",
     "encode_rootfs",
@@ -84,7 +85,7 @@ class Inode:
     permissions: int = 0
     entries: list[DirEntry] = field(default_factory=list)  # dir
     look_below: bool = False  # dir
-    chunks: list[FileChunk] = field(default_factory=list)  # file
+    chunks: Sequence[FileChunk] = field(default_factory=list)  # file
     major: int = 0  # chr, blk
     minor: int = 0
     xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -93,6 +94,8 @@ class Inode:
     @property
     def size(self) -> int:
         if self.kind is Kind.FILE:
+            if isinstance(self.chunks, LazyChunks):
+                return self.chunks.total  # without decoding the chunk list
             return sum(c.len for c in self.chunks)
         if self.kind is Kind.LNK:
             return len(self.symlink_target or b"")
@@ -101,6 +104,48 @@ class Inode:
     @property
     def has_additional(self) -> bool:
         return bool(self.xattrs) or self.symlink_target is not None
+
+
+class LazyChunks(Sequence[FileChunk]):
+    """A file's chunk list, decoded from the rootfs on first use.
+
+    Listing a directory or stat-ing a file needs a file's size but not its chunks, and
+    decoding chunk references through pycapnp is most of what decoding an inode costs:
+    readers that serve metadata (the mount) decode the list only when the file is read.
+    """
+
+    __slots__ = ("_index", "_items", "_layer", "_reader", "total")
+
+    def __init__(self, reader: RootfsReader, layer: int, index: int, total: int) -> None:
+        self._reader = reader
+        self._layer = layer
+        self._index = index
+        self._items: list[FileChunk] | None = None
+        self.total = total  # the sum of the chunk lengths: the file's size
+
+    def _list(self) -> list[FileChunk]:
+        if self._items is None:
+            self._items = self._reader.file_chunks(self._layer, self._index)
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[FileChunk]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return self._list() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # like list
+
+    def __repr__(self) -> str:
+        return repr(self._list())
 
 
 @dataclass
@@ -211,8 +256,9 @@ class RootfsReader:
             self._data, traversal_limit_in_words=self._limit, nesting_limit=64
         )
 
-    def find(self, ino: int, layer: int) -> Inode | None:
-        """The inode ``ino`` in one layer, or None (binary search: layers are sorted)."""
+    def find(self, ino: int, layer: int, *, lazy: bool = False) -> Inode | None:
+        """The inode ``ino`` in one layer, or None (binary search: layers are sorted).
+        ``lazy``: a file's chunk list is decoded when first used (:class:`LazyChunks`)."""
         try:
             with self._open() as root:
                 inodes = root.metadatas[layer].inodes
@@ -222,7 +268,7 @@ class RootfsReader:
                     node = inodes[mid]
                     found = node.ino
                     if found == ino:
-                        return _decode_inode(node)
+                        return _decode_inode(node, (self, layer, mid) if lazy else None)
                     if found < ino:
                         lo = mid + 1
                     else:
@@ -252,16 +298,24 @@ class RootfsReader:
         except Exception as e:
             raise MetadataError(f"corrupt rootfs: {_short(e)}") from None
 
-    def layer(self, layer: int) -> Iterator[Inode]:
-        """Every inode of one layer, in stored order."""
+    def layer(self, layer: int, *, lazy: bool = False) -> Iterator[Inode]:
+        """Every inode of one layer, in stored order (``lazy`` as for :meth:`find`)."""
         try:
             with self._open() as root:
-                for node in root.metadatas[layer].inodes:
-                    yield _decode_inode(node)
+                for i, node in enumerate(root.metadatas[layer].inodes):
+                    yield _decode_inode(node, (self, layer, i) if lazy else None)
         except MetadataError:
             raise
         except Exception as e:
             raise MetadataError(f"corrupt rootfs layer {layer}: {_short(e)}") from None
+
+    def file_chunks(self, layer: int, index: int) -> list[FileChunk]:
+        """The chunk list of the ``index``-th inode of ``layer`` (a file)."""
+        try:
+            with self._open() as root:
+                return _decode_chunks(root.metadatas[layer].inodes[index].mode.file)
+        except Exception as e:
+            raise MetadataError(f"corrupt file inode in rootfs: {_short(e)}") from None
 
     def verity(self) -> dict[bytes, bytes]:
         try:
@@ -283,7 +337,8 @@ def _short(e: Exception) -> str:
     return text[-1] if text else type(e).__name__
 
 
-def _decode_inode(node: Any) -> Inode:
+def _decode_inode(node: Any, lazy: tuple[RootfsReader, int, int] | None = None) -> Inode:
+    """``lazy``: (reader, layer, index) of ``node``, to decode its chunks on first use."""
     kind = Kind(str(node.mode.which()))
     inode = Inode(Ino(node.ino), kind, node.uid, node.gid, node.permissions)
     mode = node.mode
@@ -292,13 +347,10 @@ def _decode_inode(node: Any) -> Inode:
         inode.look_below = d.lookBelow
         inode.entries = [DirEntry(Ino(e.ino), bytes(e.name)) for e in d.entries]
     elif kind is Kind.FILE:
-        inode.chunks = [
-            FileChunk(
-                BlobRef(bytes(c.blob.digest), c.blob.offset, c.blob.compressed),
-                c.len,
-            )
-            for c in mode.file
-        ]
+        if lazy is None:
+            inode.chunks = _decode_chunks(mode.file)
+        else:
+            inode.chunks = LazyChunks(*lazy, sum(c.len for c in mode.file))
     elif kind is Kind.CHR:
         inode.major, inode.minor = mode.chr.major, mode.chr.minor
     elif kind is Kind.BLK:
@@ -309,6 +361,14 @@ def _decode_inode(node: Any) -> Inode:
         if add._has("symlinkTarget"):
             inode.symlink_target = bytes(add.symlinkTarget)
     return inode
+
+
+def _decode_chunks(chunks: Any) -> list[FileChunk]:
+    out = []
+    for c in chunks:
+        b = c.blob  # each attribute access builds a new reader: once per chunk
+        out.append(FileChunk(BlobRef(bytes(b.digest), b.offset, b.compressed), c.len))
+    return out
 
 
 def sorted_layer(inodes: Sequence[Inode]) -> list[Inode]:

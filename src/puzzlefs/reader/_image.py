@@ -141,7 +141,7 @@ class Image:
         if cached is not None or (ino in self._inodes._items):
             return cached
         for layer in range(self.rootfs.layer_count):
-            inode = self.rootfs.find(ino, layer)
+            inode = self.rootfs.find(ino, layer, lazy=True)
             if inode is not None:
                 result = None if inode.kind is Kind.WHT else inode
                 self._inodes.put(ino, result)
@@ -245,7 +245,7 @@ class Image:
         the lookups after it then find everything decoded."""
         if self.rootfs.layer_count != 1:
             return
-        for i, node in enumerate(self.rootfs.layer(0)):
+        for i, node in enumerate(self.rootfs.layer(0, lazy=True)):
             if i >= INODE_CACHE_ENTRIES:
                 break
             self._inodes.put(node.ino, None if node.kind is Kind.WHT else node)
