@@ -1,7 +1,8 @@
 """Content-addressed blob stores: one interface, a disk and a memory implementation.
 
-Disk writes are crash-safe without an fsync per blob: each blob is written to a
-temporary file in the same directory and renamed into place, and :meth:`sync` flushes
+Disk writes are crash-safe without an fsync per blob: each blob is written to an
+unnamed file (O_TMPFILE) and linked into place, or where the filesystem cannot, to a
+temporary file in the same directory and renamed into place; :meth:`sync` flushes
 the whole filesystem once before index.json (the only thing that makes blobs
 reachable) is replaced.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import threading
@@ -20,6 +22,25 @@ from puzzlefs.digest import Digest
 from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+# O_TMPFILE unsupported by the filesystem (EOPNOTSUPP, EISDIR on old kernels,
+# EINVAL), or /proc/self/fd missing (ENOENT), not allowed (EACCES, EPERM) or
+# not linkable (EXDEV).
+_NO_TMPFILE = {
+    errno.EOPNOTSUPP,
+    errno.EISDIR,
+    errno.EINVAL,
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+}
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class BlobStore(ABC):
@@ -93,6 +114,8 @@ class DiskBlobStore(BlobStore):
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._made = False  # root exists (checked once)
+        self._tmpfile = True  # O_TMPFILE works here (until it fails once)
 
     def path(self, digest: Digest) -> Path:
         return self.root / digest.hex
@@ -116,19 +139,62 @@ class DiskBlobStore(BlobStore):
             raise ImageError(f"blob {digest} is not a regular file") from None
 
     def put_verified(self, digest: Digest, data: bytes | memoryview) -> bool:
-        final = self.path(digest)
-        if final.exists():
+        # A build stores thousands of blobs: plain os calls on str paths, no pathlib.
+        final = os.path.join(self.root, digest.hex)
+        if os.path.exists(final):
             return False
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{digest.hex}-{os.getpid()}-{threading.get_ident()}"
+        if not self._made:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._made = True
+        if self._tmpfile:
+            try:
+                return self._put_unnamed(final, data)
+            except OSError as e:
+                if e.errno not in _NO_TMPFILE:
+                    raise
+                self._tmpfile = False  # this filesystem (or /proc) cannot: named files
+        return self._put_named(final, data)
+
+    def _put_unnamed(self, final: str, data: bytes | memoryview) -> bool:
+        """An O_TMPFILE file, linked into place once written: one directory update
+        instead of a create and a rename, and nothing to clean up if we fail."""
+        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
+            fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+            try:
+                _write_all(fd, data)
+                os.fchmod(fd, 0o644)  # whatever the umask
+                # A dir_fd makes Python use linkat(), which can follow the /proc link
+                # (plain link() would try to link the symlink itself).
+                os.link(
+                    f"/proc/self/fd/{fd}",
+                    os.path.basename(final),
+                    dst_dir_fd=dir_fd,
+                    follow_symlinks=True,
+                )
+            except FileExistsError:
+                return False  # another writer stored the same bytes first
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dir_fd)
+        return True
+
+    def _put_named(self, final: str, data: bytes | memoryview) -> bool:
+        tmp = os.path.join(
+            self.root, f".tmp-{os.path.basename(final)}-{os.getpid()}-{threading.get_ident()}"
+        )
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, data)
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise
         return True
 
