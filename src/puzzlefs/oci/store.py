@@ -34,6 +34,7 @@ _NO_TMPFILE = {
     errno.ENOENT,
     errno.EACCES,
     errno.EPERM,
+    errno.EXDEV,
 }
 
 
@@ -148,14 +149,14 @@ class DiskBlobStore(BlobStore):
             self._made = True
         if self._tmpfile:
             try:
-                return self._put_unnamed(final, data)
+                return self._put_unnamed(digest.hex, data)
             except OSError as e:
                 if e.errno not in _NO_TMPFILE:
                     raise
                 self._tmpfile = False  # this filesystem (or /proc) cannot: named files
-        return self._put_named(final, data)
+        return self._put_named(digest.hex, data)
 
-    def _put_unnamed(self, final: str, data: bytes | memoryview) -> bool:
+    def _put_unnamed(self, name: str, data: bytes | memoryview) -> bool:
         """An O_TMPFILE file, linked into place once written: one directory update
         instead of a create and a rename, and nothing to clean up if we fail."""
         dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -166,12 +167,7 @@ class DiskBlobStore(BlobStore):
                 os.fchmod(fd, 0o644)  # whatever the umask
                 # A dir_fd makes Python use linkat(), which can follow the /proc link
                 # (plain link() would try to link the symlink itself).
-                os.link(
-                    f"/proc/self/fd/{fd}",
-                    os.path.basename(final),
-                    dst_dir_fd=dir_fd,
-                    follow_symlinks=True,
-                )
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
             except FileExistsError:
                 return False  # another writer stored the same bytes first
             finally:
@@ -180,10 +176,9 @@ class DiskBlobStore(BlobStore):
             os.close(dir_fd)
         return True
 
-    def _put_named(self, final: str, data: bytes | memoryview) -> bool:
-        tmp = os.path.join(
-            self.root, f".tmp-{os.path.basename(final)}-{os.getpid()}-{threading.get_ident()}"
-        )
+    def _put_named(self, name: str, data: bytes | memoryview) -> bool:
+        """A temporary file in the same directory, renamed into place once written."""
+        tmp = os.path.join(self.root, f".tmp-{name}-{os.getpid()}-{threading.get_ident()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
@@ -191,7 +186,7 @@ class DiskBlobStore(BlobStore):
                 os.fchmod(fd, 0o644)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            os.replace(tmp, os.path.join(self.root, name))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
