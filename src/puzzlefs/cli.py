@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         "--zstd-frame-size",
         metavar="SIZE",
         help="with -c: bytes per zstd frame (default 4K, the reference's: fastest random"
-        " reads; 64K stores about 11%% less, see README)",
+        " reads; 64K stores about 10%% less, see README)",
     )
     b.add_argument(
         "-b",

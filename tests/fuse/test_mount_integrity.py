@@ -4,6 +4,7 @@ bytes are served; a tampered chunk gives EIO for its file only, and a log line."
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 from pathlib import Path
@@ -28,8 +29,9 @@ def victim_image(tmp_path: Path) -> tuple[Path, str, dict[str, bytes]]:
     return oci, build(src, oci), files
 
 
-def _tamper_a_chunk_of(oci: Path, name: str) -> str:
-    """Flip one byte in a chunk that only ``name`` uses; returns the blob's hex digest."""
+def _tamper_a_chunk_of(oci: Path, name: str, how: str = "flip") -> str:
+    """Damage a chunk that only ``name`` uses; returns the blob's hex digest. ``how``:
+    flip one byte, truncate it, or replace it with another valid blob of the store."""
     image = open_image(oci, TAG)
     users: dict[bytes, set[bytes]] = {}
     for path, inode in image.walk():
@@ -43,7 +45,13 @@ def _tamper_a_chunk_of(oci: Path, name: str) -> str:
     assert own, "the victim has no chunk of its own"
     blob = oci / "blobs" / "sha256" / own[len(own) // 2].hex()
     data = bytearray(blob.read_bytes())
-    data[len(data) // 3] ^= 0x40
+    if how == "flip":
+        data[len(data) // 3] ^= 0x40
+    elif how == "truncate":
+        del data[len(data) // 2 :]
+    else:  # a blob that is valid under its own name, but not this one
+        data = bytearray((oci / "blobs" / "sha256" / own[0].hex()).read_bytes())
+        assert len(own) > 1
     os.chmod(blob, 0o644)
     blob.write_bytes(bytes(data))
     return blob.name
@@ -70,12 +78,21 @@ def test_wrong_digest_refuses_to_mount(
     assert_clean(mountpoint)
 
 
-@pytest.mark.parametrize("with_digest", [True, False], ids=["digest", "sha256-only"])
+@pytest.mark.parametrize(
+    ("with_digest", "how"),
+    [
+        (True, "flip"),
+        (True, "truncate"),
+        (True, "replace"),
+        (False, "flip"),
+    ],
+    ids=["digest-flip", "digest-truncate", "digest-replace", "sha256-only-flip"],
+)
 def test_tampered_chunk_gives_eio_for_its_file_only(
-    victim_image: tuple[Path, str, dict[str, bytes]], mount: MountFn, with_digest: bool
+    victim_image: tuple[Path, str, dict[str, bytes]], mount: MountFn, with_digest: bool, how: str
 ) -> None:
     oci, digest, files = victim_image
-    blob = _tamper_a_chunk_of(oci, "victim")
+    blob = _tamper_a_chunk_of(oci, "victim", how)
     flags = ("--digest", digest) if with_digest else ()
     with mount(f"{oci}:{TAG}", *flags) as m:
         with pytest.raises(OSError) as e:
@@ -106,4 +123,42 @@ def test_tampered_rootfs_refuses_with_digest(
     path.write_bytes(bytes(data))
     done = cli("mount", "--digest", digest, f"{oci}:{TAG}", mountpoint)
     assert done.returncode != 0 and rootfs in done.stderr, done.stderr
+    assert_clean(mountpoint)
+
+
+@pytest.mark.parametrize("how", ["flip", "swap"])
+def test_tampered_manifest_refuses_to_mount(
+    victim_image: tuple[Path, str, dict[str, bytes]], tmp_path: Path, mountpoint: Path, how: str
+) -> None:
+    """A byte flipped in the manifest, or the tag pointed at another tag's manifest
+    (every sha256 still consistent: only the fs-verity digest can tell)."""
+    oci, digest, _ = victim_image
+    if how == "flip":
+        manifest = open_image(oci, TAG).manifest_descriptor.digest.hex
+        path = oci / "blobs" / "sha256" / manifest
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        os.chmod(path, 0o644)
+        path.write_bytes(bytes(data))
+    else:
+        other = tmp_path / "other-src"
+        other.mkdir()
+        (other / "f").write_bytes(b"another image")
+        build(other, oci, "other")
+        index = json.loads((oci / "index.json").read_text())
+        by_tag = {
+            m["annotations"]["org.opencontainers.image.ref.name"]: m for m in index["manifests"]
+        }
+        by_tag[TAG]["digest"], by_tag[TAG]["size"] = (
+            by_tag["other"]["digest"],
+            by_tag["other"]["size"],
+        )
+        (oci / "index.json").write_text(json.dumps(index))
+        assert cli("mount", f"{oci}:{TAG}", mountpoint).returncode == 0  # fine without
+        assert cli("umount", mountpoint).returncode == 0
+        assert_clean(mountpoint)
+    done = cli("mount", "--digest", digest, f"{oci}:{TAG}", mountpoint)
+    assert done.returncode != 0
+    assert done.stderr.startswith("Error: ") and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "manifest" in done.stderr, done.stderr
     assert_clean(mountpoint)

@@ -19,6 +19,7 @@ from typing import Any
 
 from puzzlefs.digest import Digest
 from puzzlefs.errors import (
+    DigestMismatch,
     ImageError,
     InvalidDigest,
     NotAnOCILayout,
@@ -219,7 +220,11 @@ class ImageLayout:
         desc = self.resolve(tag)
         if desc.size > MAX_JSON_BLOB:
             raise ImageError(f"manifest of {tag!r} is implausibly large ({desc.size} bytes)")
-        data = self.blobs.get(desc.digest)
+        try:
+            data = self.blobs.get(desc.digest)
+        except DigestMismatch as e:
+            what = f"manifest of {tag!r} (blob {desc.digest.hex})"
+            raise DigestMismatch(what, e.expected, e.actual) from None
         if len(data) != desc.size:
             raise ImageError(
                 f"manifest of {tag!r}: size {len(data)} does not match index.json ({desc.size})"
