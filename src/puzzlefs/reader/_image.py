@@ -101,6 +101,7 @@ class Image:
         self._offsets: LRU[int, list[int]] = LRU(INODE_CACHE_ENTRIES // 4)
         self._blobs: LRU[bytes, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
         self._nlinks: dict[int, int] | None = None
+        self._usage: tuple[int, int] | None = None
         self._attrs: LRU[int, InodeAttr] = LRU(INODE_CACHE_ENTRIES)
         stream = [d.digest.raw for d in self.manifest.chunk_layers]
         self._readahead = Readahead(self._blob_path, stream)
@@ -223,19 +224,26 @@ class Image:
             stack.extend(reversed(subdirs))
 
     def nlink(self, inode: Inode) -> int:
-        if inode.kind is Kind.DIR:
-            return 2 + sum(1 for _, c in self.listdir(inode) if c.kind is Kind.DIR)
         return self._nlink_table().get(inode.ino, 1)
 
     def _nlink_table(self) -> dict[int, int]:
-        # The format stores no link counts: one walk counts the paths to each inode.
+        # The format stores no link counts: one walk counts the paths to each inode,
+        # and for a directory its "." and each subdirectory's "..".
         if self._nlinks is None:
             with self._walk_lock:  # once, even if a background warm_up() is at it
                 if self._nlinks is None:
                     self._prefill()
                     counts: dict[int, int] = {}
-                    for _, node in self.walk():
-                        counts[node.ino] = counts.get(node.ino, 0) + 1
+                    dirs: dict[bytes, int] = {}  # path -> ino (a directory has one path)
+                    for path, node in self.walk():
+                        if node.kind is Kind.DIR:
+                            dirs[path] = node.ino
+                            counts[node.ino] = 2  # its entry (or the root's ".."), "."
+                            if path:
+                                parent = dirs[path.rpartition(b"/")[0]]
+                                counts[parent] += 1
+                        else:
+                            counts[node.ino] = counts.get(node.ino, 0) + 1
                     self._nlinks = counts
         return self._nlinks
 
@@ -275,9 +283,11 @@ class Image:
         return attr
 
     def usage(self) -> tuple[int, int]:
-        """``(stored chunk bytes, visible inodes)``, for statfs."""
-        chunks = {d.digest: d.size for d in self.manifest.chunk_layers}
-        return sum(chunks.values()), len(self._nlink_table())
+        """``(stored chunk bytes, visible inodes)``, for statfs (asked often)."""
+        if self._usage is None:
+            chunks = {d.digest: d.size for d in self.manifest.chunk_layers}
+            self._usage = sum(chunks.values()), len(self._nlink_table())
+        return self._usage
 
     # -- data -------------------------------------------------------------------------
     def read(self, inode: Inode, offset: int, size: int) -> bytes:
