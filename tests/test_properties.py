@@ -21,6 +21,7 @@ from puzzlefs.format import (
     RootfsReader,
     encode_rootfs,
 )
+from puzzlefs.reader._cache import LRU
 
 SMALL = ChunkParams(64, 256, 1024)
 
@@ -121,6 +122,29 @@ def test_seekable_random_reads(data: bytes, draw: st.DataObject) -> None:
     offset = draw.draw(st.integers(0, len(data)))
     size = draw.draw(st.integers(0, len(data)))
     assert blob.read(offset, size) == data[offset : offset + size]
+
+
+_READS = st.lists(st.tuples(st.integers(0, 30_000), st.integers(0, 9000)), max_size=12)
+
+
+@given(st.binary(min_size=1, max_size=30_000), _READS)
+@settings(max_examples=100, deadline=None)
+def test_seekable_reads_through_a_frame_cache(data: bytes, reads: list[tuple[int, int]]) -> None:
+    # A tiny LRU, so that frames are evicted too: every read still gives its bytes,
+    # and a read keeps at most its first and last frames, each decompressed right.
+    data = data * (1 + 30_000 // len(data))  # several 4 KiB frames
+    blob = SeekableBlob(compress_seekable(data, 4096))
+    cache: LRU[tuple[bytes, int], bytes] = LRU(3 * 4096, len)
+    for offset, size in reads:
+        before = set(cache._items)
+        assert blob.read(offset, size, cache, b"k") == data[offset : offset + size]
+        end = min(offset + size, len(data))
+        if offset < end:
+            edges = {(b"k", offset // 4096), (b"k", (end - 1) // 4096)}
+            assert set(cache._items) - before <= edges
+        for key in list(cache._items):
+            i = key[1]
+            assert cache.get(key) == data[i * 4096 : (i + 1) * 4096]
 
 
 _names = st.binary(min_size=1, max_size=40).filter(lambda n: b"/" not in n and b"\0" not in n)

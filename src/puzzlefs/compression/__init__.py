@@ -8,6 +8,7 @@ a reader can decompress just the frames that cover the bytes it wants.
 from puzzlefs.compression._seekable import (
     DEFAULT_FRAME_SIZE,
     MAX_FRAME_DECOMPRESSED,
+    FrameCache,
     SeekableBlob,
     compress_chunk,
     compress_seekable,
@@ -17,6 +18,7 @@ from puzzlefs.compression._seekable import (
 __all__ = [
     "DEFAULT_FRAME_SIZE",
     "MAX_FRAME_DECOMPRESSED",
+    "FrameCache",
     "SeekableBlob",
     "compress_chunk",
     "compress_seekable",

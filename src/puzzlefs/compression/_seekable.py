@@ -12,6 +12,7 @@ import io
 import struct
 import threading
 from itertools import accumulate
+from typing import Protocol
 
 import zstandard
 
@@ -92,6 +93,15 @@ def compress_chunk(
     return bytes(data), False
 
 
+class FrameCache(Protocol):
+    """Where a reader keeps decompressed frames: ``(blob key, frame index) -> bytes``,
+    bounded by the reader (an LRU)."""
+
+    def get(self, key: tuple[bytes, int]) -> bytes | None: ...
+
+    def put(self, key: tuple[bytes, int], value: bytes) -> None: ...
+
+
 class SeekableBlob:
     """Random access into one compressed chunk. Parses the seek table once; each read
     decompresses only the frames that cover the requested range."""
@@ -106,8 +116,16 @@ class SeekableBlob:
         self._decomp_starts = [0, *accumulate(d for _, d in sizes)]
         self.size = self._decomp_starts[-1]
 
-    def read(self, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset+size)`` of the decompressed chunk (short at its end)."""
+    def read(
+        self, offset: int, size: int, cache: FrameCache | None = None, key: bytes = b""
+    ) -> bytes:
+        """Bytes ``[offset, offset+size)`` of the decompressed chunk (short at its end).
+
+        With a ``cache``, the first and last frames the range covers are looked up
+        there under ``(key, index)`` and kept: they are the ones the next read of a
+        sequential reader (whose requests rarely end on a frame boundary) or a small
+        random read shares. Inner frames are decompressed without it: one lookup per
+        frame would cost more than it saves."""
         end = min(offset + size, self.size)
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
@@ -115,13 +133,26 @@ class SeekableBlob:
             return b""
         first = bisect.bisect_right(self._decomp_starts, offset) - 1
         last = bisect.bisect_left(self._decomp_starts, end) - 1
-        parts = [self._frame(i) for i in range(first, last + 1)]
+        if cache is None:
+            parts = [self._frame(i) for i in range(first, last + 1)]
+        else:
+            parts = [
+                self._cached_frame(i, cache, key) if i in (first, last) else self._frame(i)
+                for i in range(first, last + 1)
+            ]
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         base = self._decomp_starts[first]
         return data[offset - base : end - base]
 
     def read_all(self) -> bytes:
         return self.read(0, self.size)
+
+    def _cached_frame(self, i: int, cache: FrameCache, key: bytes) -> bytes:
+        frame = cache.get((key, i))
+        if frame is None:
+            frame = self._frame(i)
+            cache.put((key, i), frame)
+        return frame
 
     def _frame(self, i: int) -> bytes:
         start, stop = self._comp_starts[i], self._comp_starts[i + 1]

@@ -42,6 +42,8 @@ _FMT = {
 }
 INODE_CACHE_ENTRIES = 65536
 BLOB_CACHE_BYTES = 128 * 1024 * 1024
+# Decompressed zstd frames at the edges of recent reads (see SeekableBlob.read).
+FRAME_CACHE_BYTES = 16 * 1024 * 1024
 MEASURE_GIVE_UP = 16
 
 
@@ -100,6 +102,7 @@ class Image:
         self._dirs: LRU[int, dict[bytes, Ino]] = LRU(4096, lambda d: max(1, len(d) // 64))
         self._offsets: LRU[int, list[int]] = LRU(INODE_CACHE_ENTRIES // 4)
         self._blobs: LRU[bytes, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
+        self._frames: LRU[tuple[bytes, int], bytes] = LRU(FRAME_CACHE_BYTES, len)
         self._nlinks: dict[int, int] | None = None
         self._usage: tuple[int, int] | None = None
         self._attrs: LRU[int, InodeAttr] = LRU(INODE_CACHE_ENTRIES)
@@ -332,7 +335,7 @@ class Image:
                 f"{chunk.blob.digest.hex()} ({blob_size} bytes)"
             )
         if isinstance(blob, SeekableBlob):
-            return blob.read(start, n)
+            return blob.read(start, n, self._frames, chunk.blob.digest)
         return blob[start : start + n]
 
     def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
