@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import socket
@@ -142,3 +143,13 @@ def assert_same_tree(a: Path, b: Path) -> None:
     assert sorted(da) == sorted(db), set(da) ^ set(db)
     for path in da:
         assert da[path] == db[path], (path, da[path], db[path])
+
+
+def point_tag_at_other_manifest(oci: Path, tag: str, other: str) -> None:
+    """Tamper with index.json: ``tag`` now names ``other``'s manifest. Every sha256 in
+    the store stays consistent; only the fs-verity digest of the manifest can tell."""
+    index = json.loads((oci / "index.json").read_text())
+    by_tag = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in index["manifests"]}
+    by_tag[tag]["digest"] = by_tag[other]["digest"]
+    by_tag[tag]["size"] = by_tag[other]["size"]
+    (oci / "index.json").write_text(json.dumps(index))

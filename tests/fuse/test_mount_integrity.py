@@ -4,13 +4,13 @@ bytes are served; a tampered chunk gives EIO for its file only, and a log line."
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 from pathlib import Path
 
 import pytest
 from fusehelp import TAG, MountFn, assert_clean, build, cli
+from treeutil import point_tag_at_other_manifest
 
 from puzzlefs.reader import open_image
 
@@ -50,8 +50,8 @@ def _tamper_a_chunk_of(oci: Path, name: str, how: str = "flip") -> str:
     elif how == "truncate":
         del data[len(data) // 2 :]
     else:  # a blob that is valid under its own name, but not this one
-        data = bytearray((oci / "blobs" / "sha256" / own[0].hex()).read_bytes())
         assert len(own) > 1
+        data = bytearray((oci / "blobs" / "sha256" / own[0].hex()).read_bytes())
     os.chmod(blob, 0o644)
     blob.write_bytes(bytes(data))
     return blob.name
@@ -145,15 +145,7 @@ def test_tampered_manifest_refuses_to_mount(
         other.mkdir()
         (other / "f").write_bytes(b"another image")
         build(other, oci, "other")
-        index = json.loads((oci / "index.json").read_text())
-        by_tag = {
-            m["annotations"]["org.opencontainers.image.ref.name"]: m for m in index["manifests"]
-        }
-        by_tag[TAG]["digest"], by_tag[TAG]["size"] = (
-            by_tag["other"]["digest"],
-            by_tag["other"]["size"],
-        )
-        (oci / "index.json").write_text(json.dumps(index))
+        point_tag_at_other_manifest(oci, TAG, "other")
         assert cli("mount", f"{oci}:{TAG}", mountpoint).returncode == 0  # fine without
         assert cli("umount", mountpoint).returncode == 0
         assert_clean(mountpoint)
