@@ -4,10 +4,10 @@
 Builds every tree of the benchmark data set (../shared/bench/make_dataset.sh) into one
 OCI layout, in series order, for several configurations (plain / zstd, each version on
 the previous one with -b or as independent builds into the same store, three chunk-size
-settings), and measures in the same run the peers: the sum of the uncompressed tars,
-of tar.gz (gzip -6, the OCI v1 way), of tar.zst (zstd -3), and one `casync make` store
-of all the tars. Prints Markdown tables (sizes, savings, build times, the cost of the
-100-byte patch). Not a test: nothing here asserts timings.
+settings, larger zstd frames and a higher zstd level), and measures in the same run the
+peers: the sum of the uncompressed tars, of tar.gz (gzip -6, the OCI v1 way), of tar.zst
+(zstd -3), and one `casync make` store of all the tars. Prints Markdown tables (sizes,
+savings, build times, the cost of the 100-byte patch). Not a test: nothing here asserts timings.
 
     python3 benchmarks/dedup.py ~/.cache/puzzlefs-bench [--quick] [--no-casync]
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from puzzlefs import build
 from puzzlefs.chunking import ChunkParams
+from puzzlefs.compression import DEFAULT_LEVEL, ZstdOptions
 from puzzlefs.reader.usage import usage
 
 SERIES = [
@@ -43,6 +44,14 @@ SERIES = [
 # Each version is built on the previous one, except the patched one, on what it patches.
 BASE_OVERRIDE = {"bookworm-patched": "bookworm"}
 CHUNK_SETTINGS = ["16K:64K:256K", "8K:32K:128K", "32K:128K:512K"]
+# The reference's 4 KiB frames at level 3 against larger frames and a higher level.
+ZSTD_VARIANTS = [
+    ZstdOptions(64 << 10),
+    ZstdOptions(1 << 20),
+    ZstdOptions(4 << 10, 15),
+    ZstdOptions(64 << 10, 15),
+    ZstdOptions(1 << 20, 15),
+]
 MB = 1e6
 
 
@@ -65,10 +74,9 @@ def run_puzzlefs(
     trees: list[Path],
     work: Path,
     name: str,
-    compress: bool,
+    compress: bool | ZstdOptions,
     chained: bool,
     params: ChunkParams,
-    frame_size: int = 4096,
 ) -> Run:
     oci = work / name
     shutil.rmtree(oci, ignore_errors=True)
@@ -82,7 +90,6 @@ def run_puzzlefs(
             oci,
             tree.name,
             compress=compress,
-            frame_size=frame_size,
             params=params,
             base_tag=BASE_OVERRIDE.get(tree.name, prev) if chained and prev else None,
         )
@@ -189,11 +196,12 @@ def main() -> int:
                         f"  {label}: {r.store_bytes / MB:.1f} MB in {r.seconds:.1f}s",
                         file=sys.stderr,
                     )
-        for frame in (65536, 1 << 20):
-            label = (
-                f"puzzlefs {settings[0]} -c --zstd-frame-size {frame // 1024}K (independent builds)"
-            )
-            r = run_puzzlefs(trees, work, "oci", True, False, ChunkParams.parse(settings[0]), frame)
+        for zstd in ZSTD_VARIANTS:
+            flags = f"--zstd-frame-size {zstd.frame_size // 1024}K"
+            if zstd.level != DEFAULT_LEVEL:
+                flags += f" --zstd-level {zstd.level}"
+            label = f"puzzlefs {settings[0]} -c {flags} (independent builds)"
+            r = run_puzzlefs(trees, work, "oci", zstd, False, ChunkParams.parse(settings[0]))
             runs.append((label, r))
             print(f"  {label}: {r.store_bytes / MB:.1f} MB in {r.seconds:.1f}s", file=sys.stderr)
         print("| store | total MB | saved vs tars | metadata MB | build s | patched version adds |")

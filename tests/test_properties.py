@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from puzzlefs.builder.stream import ChunkMapper, FileStream
 from puzzlefs.chunking import ChunkParams, Cutter, chunk_stream
-from puzzlefs.compression import SeekableBlob, compress_chunk, compress_seekable
+from puzzlefs.compression import (
+    MAX_LEVEL,
+    SeekableBlob,
+    ZstdOptions,
+    compress_chunk,
+    compress_seekable,
+)
 from puzzlefs.format import (
     BlobRef,
     DirEntry,
@@ -103,10 +109,14 @@ def test_file_stream_maps_back_to_files(files: list[bytes]) -> None:
             assert bytes(rebuilt[ino]) == content
 
 
-@given(st.binary(max_size=40_000), st.sampled_from([512, 4096, 10_000]))
+@given(
+    st.binary(max_size=40_000),
+    st.sampled_from([512, 4096, 10_000]),
+    st.integers(1, MAX_LEVEL),
+)
 @settings(max_examples=100, deadline=None)
-def test_seekable_round_trip(data: bytes, frame: int) -> None:
-    blob = SeekableBlob(compress_seekable(data, frame))
+def test_seekable_round_trip(data: bytes, frame: int, level: int) -> None:
+    blob = SeekableBlob(compress_seekable(data, ZstdOptions(frame, level)))
     assert blob.size == len(data)
     assert blob.read_all() == data
 
@@ -133,7 +143,7 @@ def test_seekable_reads_through_a_frame_cache(data: bytes, reads: list[tuple[int
     # A tiny LRU, so that frames are evicted too: every read still gives its bytes,
     # and a read keeps at most its first and last frames, each decompressed right.
     data = data * (1 + 30_000 // len(data))  # several 4 KiB frames
-    blob = SeekableBlob(compress_seekable(data, 4096))
+    blob = SeekableBlob(compress_seekable(data))
     cache: LRU[tuple[bytes, int], bytes] = LRU(3 * 4096, len)
     for offset, size in reads:
         before = set(cache._items)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import zstandard
 from treeutil import MAX_CHUNK, assert_same_tree, describe
 
 from puzzlefs import build, extract, open_image
+from puzzlefs.compression import (
+    DEFAULT_LEVEL,
+    MAX_FRAME_DECOMPRESSED,
+    MAX_LEVEL,
+    ZstdOptions,
+    compress_seekable,
+)
 from puzzlefs.format import Kind
 
 
@@ -123,36 +132,56 @@ def test_several_tags_share_one_store(tmp_path: Path) -> None:
     assert blobs <= set(os.listdir(tmp_path / "oci/blobs/sha256"))
 
 
-def test_larger_zstd_frames(tmp_path: Path) -> None:
-    """Any frame size gives a valid seekable blob: smaller stores, same contents."""
+def test_zstd_frame_size_and_level(tmp_path: Path) -> None:
+    """Any frame size and level give a valid seekable blob: smaller stores, same contents;
+    the CLI's options give what the API's ZstdOptions give."""
     src = tmp_path / "src"
     src.mkdir()
-    text = b"".join(b"line %d of a compressible file\n" % i for i in range(40_000))
+    text = b"".join(b"line %d of a file, %x\n" % (i, i * 7919 % 100_003) for i in range(40_000))
     (src / "text").write_bytes(text)
-    small = build(src, tmp_path / "oci", "4k", compress=True)
-    large = build(src, tmp_path / "oci", "64k", compress=True, frame_size=65536)
-    assert large.manifest_verity != small.manifest_verity
+    oci = tmp_path / "oci"
+    digests = {
+        "4k": build(src, oci, "4k", compress=True).manifest_verity,
+        "64k": build(src, oci, "64k", compress=ZstdOptions(frame_size=65536)).manifest_verity,
+        "64k-19": build(src, oci, "64k-19", compress=ZstdOptions(65536, 19)).manifest_verity,
+    }
+    assert len(set(digests.values())) == 3
     sizes = {}
-    for tag in ("4k", "64k"):
-        image = open_image(tmp_path / "oci", tag)
+    for tag in digests:
+        image = open_image(oci, tag)
         inode = image.resolve_path("text")
         assert b"".join(image.read_all(inode)) == text
         assert image.read(inode, 100_000, 5000) == text[100_000:105_000]
         sizes[tag] = sum(d.size for d in image.manifest.chunk_layers)
-    assert sizes["64k"] < sizes["4k"]
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "puzzlefs",
-            "build",
-            "-c",
-            "--zstd-frame-size",
-            "100",
-            str(src),
-            f"{tmp_path}/oci:x",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and bad.stderr.startswith("Error: ")
+    assert sizes["64k-19"] < sizes["64k"] < sizes["4k"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "puzzlefs", "build", *args, str(src), f"{oci}:x"],
+            capture_output=True,
+            text=True,
+        )
+
+    same = cli("-c", "--zstd-frame-size", "64K", "--zstd-level", "19")
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.split()[-1] == digests["64k-19"]
+    for bad, says in [
+        (["-c", "--zstd-frame-size", "100"], "frame size must be 512 bytes to 16M"),
+        (["-c", "--zstd-level", "0"], "level must be 1 to 19"),
+        (["-c", "--zstd-level", "20"], "level must be 1 to 19"),
+        (["--zstd-level", "9"], "need -c"),
+        (["--zstd-frame-size", "64K"], "need -c"),
+    ]:
+        r = cli(*bad)
+        assert r.returncode == 2 and r.stderr.startswith("Error: ") and says in r.stderr, bad
+        assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("level", [DEFAULT_LEVEL, MAX_LEVEL])
+def test_zstd_frames_ask_for_at_most_an_8_mib_window(level: int) -> None:
+    """Frames are written without their size, so a decoder must be ready for the whole
+    window the level asks for: at most 8 MiB, which the zstd format asks every decoder
+    (the kernel's too) to support, whatever the frame size."""
+    data = random.Random(level).randbytes(1 << 20) * 2
+    blob = compress_seekable(data, ZstdOptions(MAX_FRAME_DECOMPRESSED, level))
+    assert zstandard.get_frame_parameters(blob).window_size <= 8 << 20

@@ -58,6 +58,7 @@ import zstandard
 from puzzlefs.builder import BuildResult, build_tree
 from puzzlefs.builder.walk import Node, Region, Tree
 from puzzlefs.chunking import ChunkParams
+from puzzlefs.compression import ZstdOptions
 from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError, TagNotFound, UsageError
 from puzzlefs.format import ROOT_INO, Ino
 from puzzlefs.oci import (
@@ -718,7 +719,7 @@ def import_image(
     oci_dir: str | os.PathLike[str],
     tag: str,
     *,
-    compress: bool = False,
+    compress: bool | ZstdOptions = False,
     params: ChunkParams | None = None,
     workers: int | None = None,
     tmp_dir: str | os.PathLike[str] | None = None,

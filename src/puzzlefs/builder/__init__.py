@@ -24,7 +24,7 @@ from puzzlefs.builder.pipeline import store_chunk as _store_chunk
 from puzzlefs.builder.stream import ChunkMapper, FileStream
 from puzzlefs.builder.walk import Node, Tree, iter_regular, walk
 from puzzlefs.chunking import DEFAULT_PARAMS, ChunkParams
-from puzzlefs.compression import DEFAULT_FRAME_SIZE
+from puzzlefs.compression import REFERENCE_ZSTD, ZstdOptions
 from puzzlefs.digest import Digest
 from puzzlefs.errors import BuildError
 from puzzlefs.format import (
@@ -71,15 +71,14 @@ def build_rootfs(
     tree: Tree,
     store: BlobStore,
     *,
-    compress: bool = False,
-    frame_size: int = DEFAULT_FRAME_SIZE,
+    zstd: ZstdOptions | None = None,
     params: ChunkParams = DEFAULT_PARAMS,
     workers: int | None = None,
     progress: Progress | None = None,
     on_new_blob: Callable[[bytes], None] | None = None,
 ) -> tuple[list[Inode], list[StoredChunk]]:
-    """Chunk and store all file data of ``tree``; return its inodes (one layer, in ino
-    order) and the chunks in stream order."""
+    """Chunk and store all file data of ``tree``, zstd-compressed with ``zstd`` if given;
+    return its inodes (one layer, in ino order) and the chunks in stream order."""
     files: dict[Ino, list[FileChunk]] = {}
     chunks: list[StoredChunk] = []
     regular = [(n.ino, n.content or n.path, n.st.st_size) for n in iter_regular(tree)]
@@ -107,8 +106,7 @@ def build_rootfs(
 
     n_workers = worker_count(workers, store, sum(size for _, _, size in regular))
     try:
-        frames = frame_size if compress else 0
-        run(stream, params, store, frames, n_workers, _store_chunk, on_chunk, on_stored)
+        run(stream, params, store, zstd, n_workers, _store_chunk, on_chunk, on_stored)
     finally:
         stream.close()
     return [_inode(node, files) for node in tree.nodes], chunks
@@ -183,8 +181,7 @@ def build(
     oci_dir: str | os.PathLike[str],
     tag: str,
     *,
-    compress: bool = False,
-    frame_size: int = DEFAULT_FRAME_SIZE,
+    compress: bool | ZstdOptions = False,
     params: ChunkParams | None = None,
     base_tag: str | None = None,
     workers: int | None = None,
@@ -192,6 +189,9 @@ def build(
 ) -> BuildResult:
     """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``, on top of ``base_tag`` if
     given (a delta layer, FORMAT.md §6).
+
+    ``compress``: True stores chunks zstd-compressed as the reference does; a
+    :class:`~puzzlefs.compression.ZstdOptions` chooses another frame size or level.
 
     ``params`` defaults to the base's chunk sizes (recorded in its manifest), else the
     reference's. On any failure the layout is left as it was: blobs this build wrote
@@ -204,7 +204,6 @@ def build(
         oci_dir,
         tag,
         compress=compress,
-        frame_size=frame_size,
         params=params,
         base_tag=base_tag,
         workers=workers,
@@ -217,14 +216,14 @@ def build_tree(
     oci_dir: str | os.PathLike[str],
     tag: str,
     *,
-    compress: bool = False,
-    frame_size: int = DEFAULT_FRAME_SIZE,
+    compress: bool | ZstdOptions = False,
     params: ChunkParams | None = None,
     base_tag: str | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
     """Build an already numbered tree (from :func:`walk`, or a tar import)."""
+    zstd = _zstd_options(compress)
     oci_path = Path(oci_dir)
     created = not oci_path.exists()
     if base_tag is not None and created:
@@ -247,8 +246,7 @@ def build_tree(
                 tree,
                 layout,
                 tag,
-                compress,
-                frame_size,
+                zstd,
                 params,
                 workers,
                 progress,
@@ -265,6 +263,12 @@ def build_tree(
         raise
 
 
+def _zstd_options(compress: bool | ZstdOptions) -> ZstdOptions | None:
+    if isinstance(compress, ZstdOptions):
+        return compress
+    return REFERENCE_ZSTD if compress else None
+
+
 def _base_params(base: Image) -> ChunkParams:
     text = base.manifest.annotations.get(ANNOTATION_CHUNK_SIZES)
     return ChunkParams.parse(text) if text else DEFAULT_PARAMS
@@ -274,8 +278,7 @@ def _build_locked(
     tree: Tree,
     layout: ImageLayout,
     tag: str,
-    compress: bool,
-    frame_size: int,
+    zstd: ZstdOptions | None,
     params: ChunkParams,
     workers: int | None,
     progress: Progress | None,
@@ -293,8 +296,7 @@ def _build_locked(
     inodes, chunks = build_rootfs(
         tree,
         store,
-        compress=compress,
-        frame_size=frame_size,
+        zstd=zstd,
         params=params,
         workers=workers,
         progress=progress,
@@ -302,7 +304,7 @@ def _build_locked(
     )
     if progress:
         progress.done()
-    chunk_type = MEDIA_TYPE_CHUNK_ZSTD if compress else MEDIA_TYPE_CHUNK
+    chunk_type = MEDIA_TYPE_CHUNK_ZSTD if zstd else MEDIA_TYPE_CHUNK
     chunk_layers: dict[bytes, Descriptor] = {}
     if base is None:
         layers = [inodes]

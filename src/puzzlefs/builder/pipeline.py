@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from puzzlefs.chunking import ChunkParams, Cutter, Readable
-from puzzlefs.compression import compress_chunk
+from puzzlefs.compression import ZstdOptions, compress_chunk
 from puzzlefs.digest import Digest
 from puzzlefs.oci.store import BlobStore, DiskBlobStore
 from puzzlefs.verity import fsverity_digest
@@ -61,15 +61,15 @@ class StoredChunk:
     new: bool  # written by this build (not already in the store)
 
 
-# ``compress`` below is the zstd frame size in bytes, 0 for no compression.
-StoreChunk = Callable[[BlobStore, memoryview, int], StoredChunk]
+# ``zstd`` below is how chunks are compressed, None for not at all.
+StoreChunk = Callable[[BlobStore, memoryview, ZstdOptions | None], StoredChunk]
 
 
-def store_chunk(store: BlobStore, data: memoryview, compress: int) -> StoredChunk:
+def store_chunk(store: BlobStore, data: memoryview, zstd: ZstdOptions | None) -> StoredChunk:
     """Store one chunk. ``data`` is a view into a buffer that is reused afterwards."""
     stored: bytes | memoryview
-    if compress:
-        stored, compressed = compress_chunk(data, compress)
+    if zstd is not None:
+        stored, compressed = compress_chunk(data, zstd)
     else:
         stored, compressed = data, False
     digest = Digest.of(stored)
@@ -105,7 +105,7 @@ def run(
     stream: Readable,
     params: ChunkParams,
     store: BlobStore,
-    compress: int,
+    zstd: ZstdOptions | None,
     workers: int,
     store_one: StoreChunk,
     on_chunk: Callable[[int], E],
@@ -122,9 +122,9 @@ def run(
     """
     size = max(BUFFER_SIZE, 2 * params.max)
     pipe: _Pipeline[E] = (
-        _Workers(size, workers, store, compress, store_one, on_stored)
+        _Workers(size, workers, store, zstd, store_one, on_stored)
         if workers > 0
-        else _Inline(size, store, compress, store_one, on_stored)
+        else _Inline(size, store, zstd, store_one, on_stored)
     )
     cutter = Cutter(params)
     carry = b""  # the unfinished chunk at the end of the last buffer
@@ -182,12 +182,12 @@ class _Inline(_Pipeline[E]):
         self,
         size: int,
         store: BlobStore,
-        compress: int,
+        zstd: ZstdOptions | None,
         store_one: StoreChunk,
         on_stored: Callable[[StoredChunk, E], None],
     ) -> None:
         self._buf = memoryview(bytearray(size))
-        self._store, self._compress = store, compress
+        self._store, self._zstd = store, zstd
         self._store_one, self._on_stored = store_one, on_stored
 
     def acquire(self) -> tuple[int, memoryview]:
@@ -196,34 +196,38 @@ class _Inline(_Pipeline[E]):
     def submit(self, index: int, spans: list[tuple[int, int]], kept: list[E]) -> None:
         buf = self._buf
         for (offset, length), k in zip(spans, kept, strict=True):
-            result = self._store_one(self._store, buf[offset : offset + length], self._compress)
+            result = self._store_one(self._store, buf[offset : offset + length], self._zstd)
             self._on_stored(result, k)
 
 
 # A worker process's share of the build, set when it starts.
-_worker: tuple[memoryview, int, BlobStore, int, StoreChunk] | None = None
+_worker: tuple[memoryview, int, BlobStore, ZstdOptions | None, StoreChunk] | None = None
 _Result = tuple[bytes, bytes, int, bool, bool]
 
 
 def _start_worker(
-    shared: mmap.mmap, size: int, store: BlobStore, compress: int, store_one: StoreChunk
+    shared: mmap.mmap,
+    size: int,
+    store: BlobStore,
+    zstd: ZstdOptions | None,
+    store_one: StoreChunk,
 ) -> None:
     global _worker
     # Ctrl-C is the main process's to handle: it waits for the tasks in flight, so
     # that the blobs they wrote can be removed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker = (memoryview(shared), size, store, compress, store_one)
+    _worker = (memoryview(shared), size, store, zstd, store_one)
 
 
 def _store_task(index: int, spans: Sequence[tuple[int, int]]) -> list[_Result]:
     assert _worker is not None
-    view, size, store, compress, store_one = _worker
+    view, size, store, zstd, store_one = _worker
     base = index * size
     out: list[_Result] = []
     try:
         for offset, length in spans:
             start = base + offset
-            r = store_one(store, view[start : start + length], compress)
+            r = store_one(store, view[start : start + length], zstd)
             out.append((r.digest, r.verity, r.size, r.compressed, r.new))
     except BaseException:
         # The main process never hears of this task's blobs: remove the new ones here.
@@ -244,7 +248,7 @@ class _Workers(_Pipeline[E]):
         size: int,
         workers: int,
         store: BlobStore,
-        compress: int,
+        zstd: ZstdOptions | None,
         store_one: StoreChunk,
         on_stored: Callable[[StoredChunk, E], None],
     ) -> None:
@@ -263,7 +267,7 @@ class _Workers(_Pipeline[E]):
             max_workers=workers,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_start_worker,
-            initargs=(self._shared, size, store, compress, store_one),
+            initargs=(self._shared, size, store, zstd, store_one),
         )
 
     def acquire(self) -> tuple[int, memoryview]:

@@ -2,14 +2,19 @@
 
 A compressed chunk is a run of independent zstd frames, each holding up to one frame
 size (4096 bytes by default) of the chunk, then a skippable frame with a seek table, so
-a reader can decompress just the frames that cover the bytes it wants.
+a reader can decompress just the frames that cover the bytes it wants. The frame size
+and the zstd level (:class:`ZstdOptions`) default to the reference's.
 """
 
 from puzzlefs.compression._seekable import (
     DEFAULT_FRAME_SIZE,
+    DEFAULT_LEVEL,
     MAX_FRAME_DECOMPRESSED,
+    MAX_LEVEL,
+    REFERENCE_ZSTD,
     FrameCache,
     SeekableBlob,
+    ZstdOptions,
     compress_chunk,
     compress_seekable,
     decompress_all,
@@ -17,9 +22,13 @@ from puzzlefs.compression._seekable import (
 
 __all__ = [
     "DEFAULT_FRAME_SIZE",
+    "DEFAULT_LEVEL",
     "MAX_FRAME_DECOMPRESSED",
+    "MAX_LEVEL",
+    "REFERENCE_ZSTD",
     "FrameCache",
     "SeekableBlob",
+    "ZstdOptions",
     "compress_chunk",
     "compress_seekable",
     "decompress_all",

@@ -11,6 +11,7 @@ import bisect
 import io
 import struct
 import threading
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Protocol
 
@@ -19,7 +20,12 @@ import zstandard
 from puzzlefs.errors import ImageError
 
 DEFAULT_FRAME_SIZE = 4096
-LEVEL = 3
+DEFAULT_LEVEL = 3
+MIN_FRAME_SIZE = 512
+# zstd's highest level short of its "ultra" ones. Frames are written without their size,
+# so a frame header asks the decoder for the level's whole window: up to 8 MiB here, the
+# most the zstd format asks every decoder to support (ultra levels want up to 128 MiB).
+MAX_LEVEL = 19
 
 SKIPPABLE_MAGIC = 0x184D2A5E
 SEEKABLE_MAGIC = 0x8F92EAB1
@@ -32,17 +38,41 @@ MAX_FRAME_DECOMPRESSED = 16 * 1024 * 1024
 
 _FLUSH_FRAME = zstandard.FLUSH_FRAME
 
+
+@dataclass(frozen=True, slots=True)
+class ZstdOptions:
+    """How chunks are compressed. The defaults are the reference's and give its bytes;
+    any other choice stays readable by every reader (each frame is plain zstd, and the
+    seek table says how large each one is)."""
+
+    frame_size: int = DEFAULT_FRAME_SIZE  # uncompressed bytes per independent frame
+    level: int = DEFAULT_LEVEL
+
+    def __post_init__(self) -> None:
+        if not MIN_FRAME_SIZE <= self.frame_size <= MAX_FRAME_DECOMPRESSED:
+            raise ValueError(
+                f"the zstd frame size must be {MIN_FRAME_SIZE} bytes to"
+                f" {MAX_FRAME_DECOMPRESSED >> 20}M, got {self.frame_size}"
+            )
+        if not 1 <= self.level <= MAX_LEVEL:
+            raise ValueError(f"the zstd level must be 1 to {MAX_LEVEL}, got {self.level}")
+
+
+REFERENCE_ZSTD = ZstdOptions()
+
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    # A ZstdCompressor is not thread-safe; one per thread, reused across frames (a
-    # fresh stream_writer() or compressobj() resets it, and gives the same bytes as a
-    # new compressor).
-    c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # A ZstdCompressor is not thread-safe; one per thread and level, reused across
+    # frames (a fresh stream_writer() or compressobj() resets it, and gives the same
+    # bytes as a new compressor).
+    cctxs: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctxs", None)
+    if cctxs is None:
+        cctxs = _local.cctxs = {}
+    c = cctxs.get(level)
     if c is None:
-        c = zstandard.ZstdCompressor(level=LEVEL, write_content_size=False)
-        _local.cctx = c
+        c = cctxs[level] = zstandard.ZstdCompressor(level=level, write_content_size=False)
     return c
 
 
@@ -54,7 +84,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def compress_seekable(data: bytes | memoryview, frame_size: int = DEFAULT_FRAME_SIZE) -> bytes:
+def compress_seekable(data: bytes | memoryview, options: ZstdOptions = REFERENCE_ZSTD) -> bytes:
     """Compress ``data`` into the seekable format (always; see compress_chunk).
 
     Every frame goes through one stream writer: ``write`` (zstd only buffers the
@@ -64,8 +94,9 @@ def compress_seekable(data: bytes | memoryview, frame_size: int = DEFAULT_FRAME_
     buffer instead of joined at the end.
     """
     mv = memoryview(data)
+    frame_size = options.frame_size
     out = io.BytesIO()
-    writer = _compressor().stream_writer(out, closefd=False)
+    writer = _compressor(options.level).stream_writer(out, closefd=False)
     sizes: list[int] = []  # compressed, decompressed, per frame
     tell, end = out.tell, 0
     for start in range(0, len(mv), frame_size):
@@ -83,11 +114,11 @@ def compress_seekable(data: bytes | memoryview, frame_size: int = DEFAULT_FRAME_
 
 
 def compress_chunk(
-    data: bytes | memoryview, frame_size: int = DEFAULT_FRAME_SIZE
+    data: bytes | memoryview, options: ZstdOptions = REFERENCE_ZSTD
 ) -> tuple[bytes, bool]:
     """Return ``(stored_bytes, compressed)``: the seekable blob, or the raw chunk when
     compression does not make it smaller (as the reference does)."""
-    blob = compress_seekable(data, frame_size)
+    blob = compress_seekable(data, options)
     if len(blob) < len(data):
         return blob, True
     return bytes(data), False
