@@ -51,6 +51,8 @@ ZSTD_VARIANTS = [
     ZstdOptions(4 << 10, 15),
     ZstdOptions(64 << 10, 15),
     ZstdOptions(1 << 20, 15),
+    ZstdOptions(64 << 10, 19),
+    ZstdOptions(1 << 20, 19),
 ]
 MB = 1e6
 

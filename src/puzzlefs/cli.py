@@ -63,8 +63,9 @@ def _add_compression_options(p: argparse.ArgumentParser) -> None:
         "--zstd-level",
         metavar="N",
         type=int,
-        help="with -c: zstd level, 1 to 19 (default 3, the reference's; 15 stores about"
-        " 10%% less and builds about 20 times slower, see README)",
+        help="with -c: zstd level, 1 to 19 (default 3, the reference's; higher stores"
+        " less and builds slower: 19 with 64K frames stores about 10%% less than level 3"
+        " and builds about 27 times slower, see README)",
     )
 
 
