@@ -210,6 +210,35 @@ sys.exit(main(["build", sys.argv[1], sys.argv[2]]))
 """
 
 
+def test_failed_flush_fails_the_build_and_leaves_store_as_it_was(
+    image: Path, tmp_path: Path
+) -> None:
+    """The store is flushed (syncfs) in a thread while the metadata is written: an
+    error there still fails the build cleanly, before the tag is written."""
+    before = snapshot(image)
+    src = tmp_path / "src2"
+    src.mkdir()
+    (src / "new-data").write_bytes(os.urandom(300_000))
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAILING_FLUSH, str(src), f"{image}:good"],
+        capture_output=True,
+        text=True,
+    )
+    assert_clean_error(proc, "input/output error")
+    assert snapshot(image) == before
+
+
+_FAILING_FLUSH = """
+import errno, os, sys
+from puzzlefs.oci.store import DiskBlobStore
+def failing(self):
+    raise OSError(errno.EIO, os.strerror(errno.EIO), str(self.root))
+DiskBlobStore.sync = failing
+from puzzlefs.cli import main
+sys.exit(main(["build", sys.argv[1], sys.argv[2]]))
+"""
+
+
 def test_extract_refuses_non_empty_dest(image: Path, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()

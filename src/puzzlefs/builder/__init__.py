@@ -14,7 +14,8 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,6 +305,57 @@ def _build_locked(
     )
     if progress:
         progress.done()
+    # The chunks are most of what must be on disk before the tag may point at them:
+    # flush them while the metadata is made, so that set_tag's sync has little left.
+    with _flushing(store):
+        manifest_digest, manifest_bytes, rootfs_desc, chunks = _write_metadata(
+            layout, inodes, chunks, zstd, params, put, base
+        )
+    layout.set_tag(tag, manifest_digest, len(manifest_bytes), lock=False)
+    return BuildResult(
+        Descriptor(MEDIA_TYPE_MANIFEST, manifest_digest, len(manifest_bytes)),
+        fsverity_digest(manifest_bytes).hex(),
+        rootfs_desc,
+        len(chunks),
+        sum(c.new for c in chunks),
+        sum(i.size for i in inodes if i.kind is Kind.FILE),
+    )
+
+
+@contextlib.contextmanager
+def _flushing(store: BlobStore) -> Iterator[None]:
+    """Run ``store.sync()`` in a thread for the duration of the block (the worker
+    processes are gone by now: no fork happens while it runs)."""
+    failure: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            store.sync()
+        except BaseException as e:  # raised in the builder's thread below
+            failure.append(e)
+
+    thread = threading.Thread(target=flush, name="puzzlefs-flush")
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _write_metadata(
+    layout: ImageLayout,
+    inodes: list[Inode],
+    chunks: list[StoredChunk],
+    zstd: ZstdOptions | None,
+    params: ChunkParams,
+    put: Callable[[bytes], Digest],
+    base: Image | None,
+) -> tuple[Digest, bytes, Descriptor, list[StoredChunk]]:
+    """Store the rootfs, config and manifest blobs; return the manifest's digest and
+    bytes, the rootfs descriptor and the chunks the image uses."""
+    store = layout.blobs
     chunk_type = MEDIA_TYPE_CHUNK_ZSTD if zstd else MEDIA_TYPE_CHUNK
     chunk_layers: dict[bytes, Descriptor] = {}
     if base is None:
@@ -344,13 +396,4 @@ def _build_locked(
     put(EMPTY_CONFIG_BYTES)
     annotations = {ANNOTATION_CHUNK_SIZES: str(params)}
     manifest_bytes = Manifest(EMPTY_CONFIG, descriptors, annotations).to_bytes()
-    manifest_digest = put(manifest_bytes)
-    layout.set_tag(tag, manifest_digest, len(manifest_bytes), lock=False)
-    return BuildResult(
-        Descriptor(MEDIA_TYPE_MANIFEST, manifest_digest, len(manifest_bytes)),
-        fsverity_digest(manifest_bytes).hex(),
-        rootfs_desc,
-        len(chunks),
-        sum(c.new for c in chunks),
-        sum(i.size for i in inodes if i.kind is Kind.FILE),
-    )
+    return put(manifest_bytes), manifest_bytes, rootfs_desc, chunks
