@@ -27,6 +27,7 @@ import zstandard
 from treeutil import assert_same_tree, describe
 
 from puzzlefs import build, extract, open_image
+from puzzlefs.compression import ZstdOptions
 from puzzlefs.importer import import_image
 from puzzlefs.oci.layout import host_architecture
 
@@ -428,11 +429,18 @@ def test_import_equals_reference_and_build(everything: tuple[Path, Path], tmp_pa
     assert again.manifest.digest == result.manifest.digest
 
 
-def test_import_cli_compressed(everything: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "zstd"),
+    [([], True), (["--zstd-frame-size", "64K", "--zstd-level", "12"], ZstdOptions(65536, 12))],
+    ids=["reference", "64K-level-12"],
+)
+def test_import_cli_compressed(
+    everything: tuple[Path, Path], tmp_path: Path, flags: list[str], zstd: bool | ZstdOptions
+) -> None:
     src, ref = everything
-    proc = run("import", "-c", f"{src}:t", f"{tmp_path}/oci:c")
+    proc = run("import", "-c", *flags, f"{src}:t", f"{tmp_path}/oci:c")
     assert proc.returncode == 0, proc.stderr
-    built = build(ref, tmp_path / "oci2", "c", compress=True)
+    built = build(ref, tmp_path / "oci2", "c", compress=zstd)
     assert proc.stdout.strip() == f"puzzlefs image manifest digest: {built.manifest_verity}"
     assert run("verify", f"{tmp_path}/oci:c").returncode == 0
 
