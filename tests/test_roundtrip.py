@@ -169,6 +169,8 @@ def test_zstd_frame_size_and_level(tmp_path: Path) -> None:
         (["-c", "--zstd-frame-size", "100"], "frame size must be 512 bytes to 16M"),
         (["-c", "--zstd-level", "0"], "level must be 1 to 19"),
         (["-c", "--zstd-level", "20"], "level must be 1 to 19"),
+        (["-c", "--zstd-level", "-1"], "level must be a number from 1 to 19"),
+        (["-c", "--zstd-level", "high"], "level must be a number from 1 to 19"),
         (["--zstd-level", "9"], "need -c"),
         (["--zstd-frame-size", "64K"], "need -c"),
     ]:

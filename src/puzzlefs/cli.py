@@ -33,7 +33,7 @@ def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
     """``-c`` with its ``--zstd-*`` options: False, True (the reference's settings), or
     the settings asked for."""
     from puzzlefs.chunking import parse_size
-    from puzzlefs.compression import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL, ZstdOptions
+    from puzzlefs.compression import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL, MAX_LEVEL, ZstdOptions
 
     frame, level = args.zstd_frame_size, args.zstd_level
     if not args.compression:
@@ -42,10 +42,12 @@ def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
         return False
     if frame is None and level is None:
         return True
+    if level is not None and not level.isdigit():
+        raise UsageError(f"the zstd level must be a number from 1 to {MAX_LEVEL}, got {level!r}")
     try:
         return ZstdOptions(
             parse_size(frame) if frame is not None else DEFAULT_FRAME_SIZE,
-            level if level is not None else DEFAULT_LEVEL,
+            int(level) if level is not None else DEFAULT_LEVEL,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -62,7 +64,6 @@ def _add_compression_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--zstd-level",
         metavar="N",
-        type=int,
         help="with -c: zstd level, 1 to 19 (default 3, the reference's; higher stores"
         " less and builds slower: 19 with 64K frames stores about 10%% less than level 3"
         " and builds about 27 times slower, see README)",
