@@ -66,7 +66,7 @@ def _add_compression_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with -c: zstd level, 1 to 19 (default 3, the reference's; higher stores"
         " less and builds slower: 19 with 64K frames stores about 10%% less than level 3"
-        " and builds about 27 times slower, see README)",
+        " and builds about 25 times slower, see README)",
     )
 
 
