@@ -23,10 +23,9 @@ import pyfuse3
 import trio
 
 from puzzlefs.format import Kind
+from puzzlefs.fuse import _entry_attributes
 from puzzlefs.oci import parse_image_ref
 from puzzlefs.reader import open_image
-
-TIMEOUT = 365 * 24 * 3600.0
 
 
 class Floor(pyfuse3.Operations):
@@ -37,20 +36,14 @@ class Floor(pyfuse3.Operations):
         self.listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         self.names: dict[int, dict[bytes, pyfuse3.EntryAttributes]] = {}
         for _, node in image.walk():
-            self.attrs[node.ino] = self._reply(image.attr(node))
-        for _, node in image.walk():
+            # The very replies puzzlefs mount gives, made once.
+            self.attrs[node.ino] = _entry_attributes(image.attr(node))
             if node.kind is Kind.DIR:
-                listing = [(name, self.attrs[c.ino]) for name, c in image.listdir(node)]
+                listing = [
+                    (name, _entry_attributes(image.attr(c))) for name, c in image.listdir(node)
+                ]
                 self.listings[node.ino] = listing
                 self.names[node.ino] = dict(listing)
-
-    @staticmethod
-    def _reply(a: object) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        for field in ("ino", "mode", "nlink", "uid", "gid", "size", "rdev", "blocks"):
-            setattr(e, f"st_{field}", getattr(a, field))
-        e.entry_timeout = e.attr_timeout = TIMEOUT
-        return e
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self.attrs[inode]
