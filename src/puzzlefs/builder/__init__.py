@@ -76,7 +76,6 @@ def build_rootfs(
     params: ChunkParams = DEFAULT_PARAMS,
     workers: int | None = None,
     progress: Progress | None = None,
-    on_new_blob: Callable[[bytes], None] | None = None,
 ) -> tuple[list[Inode], list[StoredChunk]]:
     """Chunk and store all file data of ``tree``, zstd-compressed with ``zstd`` if given;
     return its inodes (one layer, in ino order) and the chunks in stream order."""
@@ -96,8 +95,6 @@ def build_rootfs(
 
     def on_stored(sc: StoredChunk, pieces: list[tuple[Ino, int, int]]) -> None:
         chunks.append(sc)
-        if sc.new and on_new_blob:
-            on_new_blob(sc.digest)
         ref_offsets = BlobRef(sc.digest, 0, sc.compressed)
         for ino, offset, length in pieces:
             ref = ref_offsets if offset == 0 else BlobRef(sc.digest, offset, sc.compressed)
@@ -195,9 +192,10 @@ def build(
     :class:`~puzzlefs.compression.ZstdOptions` chooses another frame size or level.
 
     ``params`` defaults to the base's chunk sizes (recorded in its manifest), else the
-    reference's. On any failure the layout is left as it was: blobs this build wrote
-    are removed, index.json is only replaced at the very end, and a layout directory
-    this build created is removed again.
+    reference's. On any failure every tag stays as it was (index.json is only replaced
+    at the very end); chunks already stored stay for ``gc``, as another build may
+    rely on them; a layout directory this build created is removed again when no
+    other build is using it.
     """
     tree = walk(os.fsencode(Path(rootfs_dir)))  # before touching the destination
     return build_tree(
@@ -233,9 +231,10 @@ def build_tree(
         layout = ImageLayout(oci_path, create=True)
     except OSError as e:
         raise BuildError(f"cannot create {oci_path}: {e.strerror}") from None
-    new_blobs: list[bytes] = []
     try:
-        with layout.locked():
+        # The store's rules (puzzlefs.oci.store): a writer never removes a blob, and
+        # holds the store from its first existence check until its tag is committed.
+        with layout.blobs.writing():
             base = Image(layout, base_tag) if base_tag is not None else None
             if params is None:
                 params = _base_params(base) if base else DEFAULT_PARAMS
@@ -243,25 +242,21 @@ def build_tree(
                 base = None  # a flat image is smaller than a delta here
             if base is not None:
                 tree = renumber(tree, base)
-            result = _build_locked(
-                tree,
-                layout,
-                tag,
-                zstd,
-                params,
-                workers,
-                progress,
-                new_blobs.append,
-                base,
-            )
-        return result
+            return _build_in_store(tree, layout, tag, zstd, params, workers, progress, base)
     except BaseException:
-        for raw in new_blobs:
-            with contextlib.suppress(FileNotFoundError):
-                layout.blobs.path(Digest.from_raw(raw)).unlink()
         if created:
-            shutil.rmtree(oci_path, ignore_errors=True)
+            _remove_unused_layout(layout)
         raise
+
+
+def _remove_unused_layout(layout: ImageLayout) -> None:
+    """After a failed build into a layout it created: remove the layout, unless another
+    writer is at work in it or a tag was committed there meanwhile."""
+    with contextlib.suppress(OSError), layout.blobs.collecting(wait=False) as alone:
+        if alone:
+            with layout.locked():
+                if not layout.tags():
+                    shutil.rmtree(layout.path, ignore_errors=True)
 
 
 def _zstd_options(compress: bool | ZstdOptions) -> ZstdOptions | None:
@@ -275,7 +270,7 @@ def _base_params(base: Image) -> ChunkParams:
     return ChunkParams.parse(text) if text else DEFAULT_PARAMS
 
 
-def _build_locked(
+def _build_in_store(
     tree: Tree,
     layout: ImageLayout,
     tag: str,
@@ -283,25 +278,11 @@ def _build_locked(
     params: ChunkParams,
     workers: int | None,
     progress: Progress | None,
-    on_new_blob: Callable[[bytes], None],
     base: Image | None,
 ) -> BuildResult:
     store = layout.blobs
-
-    def put(data: bytes) -> Digest:
-        digest = Digest.of(data)
-        if store.put_verified(digest, data):
-            on_new_blob(digest.raw)
-        return digest
-
     inodes, chunks = build_rootfs(
-        tree,
-        store,
-        zstd=zstd,
-        params=params,
-        workers=workers,
-        progress=progress,
-        on_new_blob=on_new_blob,
+        tree, store, zstd=zstd, params=params, workers=workers, progress=progress
     )
     if progress:
         progress.done()
@@ -309,9 +290,9 @@ def _build_locked(
     # flush them while the metadata is made, so that set_tag's sync has little left.
     with _flushing(store):
         manifest_digest, manifest_bytes, rootfs_desc, chunks = _write_metadata(
-            layout, inodes, chunks, zstd, params, put, base
+            layout, inodes, chunks, zstd, params, store.put, base
         )
-    layout.set_tag(tag, manifest_digest, len(manifest_bytes), lock=False)
+    layout.set_tag(tag, manifest_digest, len(manifest_bytes))
     return BuildResult(
         Descriptor(MEDIA_TYPE_MANIFEST, manifest_digest, len(manifest_bytes)),
         fsverity_digest(manifest_bytes).hex(),
@@ -367,10 +348,8 @@ def _write_metadata(
         used = {c.blob.digest for layer in layers for i in layer for c in i.chunks}
         verity = {d: v for d, v in base.verity_data.items() if d in used}
         verity.update((c.digest, c.verity) for c in chunks if c.digest in used)
-        for c in chunks:  # written for files that turned out unchanged: not needed
-            if c.new and c.digest not in used:
-                with contextlib.suppress(FileNotFoundError):
-                    store.path(Digest.from_raw(c.digest)).unlink()
+        # Chunks written for files that turned out unchanged stay for gc: another
+        # writer may have found them present meanwhile.
         chunks = [c for c in chunks if c.digest in used]
         for d in base.manifest.chunk_layers:
             if d.digest.raw in used:

@@ -17,11 +17,16 @@ that already run threads (where fork is unsafe) do the same steps inline.
 
 Memory is bounded by the buffers (a few MiB each, a fixed number of them), never by the
 size of the data.
+
+Workers cannot outlive the build: each asks the kernel to kill it when its parent dies
+(``PR_SET_PDEATHSIG``), so a build killed with SIGKILL or by the OOM killer leaves no
+process behind, and none holds the store's lock (which forked children never inherit,
+see :mod:`puzzlefs.oci._lock`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import mmap
 import multiprocessing
 import os
@@ -116,9 +121,7 @@ def run(
     ``on_chunk(length)`` is called for each chunk as it is cut, in stream order (the
     stream has then read at least to its end); ``on_stored(result, kept)`` then gets
     each chunk's result with what ``on_chunk`` returned for it, also in stream order.
-    With ``workers`` > 0, that many processes do the storing. If this raises, every
-    blob stored so far has been reported to ``on_stored`` first, so the caller can
-    remove the new ones.
+    With ``workers`` > 0, that many processes do the storing.
     """
     size = max(BUFFER_SIZE, 2 * params.max)
     pipe: _Pipeline[E] = (
@@ -174,7 +177,7 @@ class _Pipeline(Generic[E]):
         """Wait for every submitted chunk; report its result."""
 
     def close(self) -> None:
-        """Release workers; after an error, still report every blob already stored."""
+        """Release workers (after an error too)."""
 
 
 class _Inline(_Pipeline[E]):
@@ -205,7 +208,20 @@ _worker: tuple[memoryview, int, BlobStore, ZstdOptions | None, StoreChunk] | Non
 _Result = tuple[bytes, bytes, int, bool, bool]
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` (the build) dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(1)
+
+
 def _start_worker(
+    parent: int,
     shared: mmap.mmap,
     size: int,
     store: BlobStore,
@@ -213,9 +229,11 @@ def _start_worker(
     store_one: StoreChunk,
 ) -> None:
     global _worker
-    # Ctrl-C is the main process's to handle: it waits for the tasks in flight, so
-    # that the blobs they wrote can be removed.
+    _die_with_parent(parent)
+    # Ctrl-C and SIGTERM go to the whole process group: they are the main process's
+    # to handle (it stops the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker = (memoryview(shared), size, store, zstd, store_one)
 
 
@@ -224,19 +242,10 @@ def _store_task(index: int, spans: Sequence[tuple[int, int]]) -> list[_Result]:
     view, size, store, zstd, store_one = _worker
     base = index * size
     out: list[_Result] = []
-    try:
-        for offset, length in spans:
-            start = base + offset
-            r = store_one(store, view[start : start + length], zstd)
-            out.append((r.digest, r.verity, r.size, r.compressed, r.new))
-    except BaseException:
-        # The main process never hears of this task's blobs: remove the new ones here.
-        for digest, _, _, _, new in out:
-            path = store.path(Digest.from_raw(digest)) if new else None
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        raise
+    for offset, length in spans:
+        start = base + offset
+        r = store_one(store, view[start : start + length], zstd)
+        out.append((r.digest, r.verity, r.size, r.compressed, r.new))
     return out
 
 
@@ -267,7 +276,7 @@ class _Workers(_Pipeline[E]):
             max_workers=workers,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_start_worker,
-            initargs=(self._shared, size, store, zstd, store_one),
+            initargs=(os.getpid(), self._shared, size, store, zstd, store_one),
         )
 
     def acquire(self) -> tuple[int, memoryview]:
@@ -296,16 +305,8 @@ class _Workers(_Pipeline[E]):
             self._settle()
 
     def close(self) -> None:
-        try:
-            # After an error, the tasks in flight still store their blobs: wait for
-            # them and report those, so that the caller can remove the new ones.
-            while self._pending:
-                future, _, kept = self._pending.popleft()
-                try:
-                    results = future.result() if future is not None else []
-                except Exception:
-                    continue  # a failed task removed its own new blobs
-                self._report(results, kept)
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._buffers.clear()
+        # Blobs that tasks in flight store stay for gc (the store's rules): nothing to
+        # wait for but the workers themselves.
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._buffers.clear()

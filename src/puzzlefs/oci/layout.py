@@ -1,15 +1,15 @@
 """An OCI image layout directory: ``oci-layout``, ``index.json`` and ``blobs/sha256``.
 
 index.json is the only file that makes blobs reachable, so it is written last, through a
-temporary file and a rename, after the blobs it names are durable. Writers hold an
-exclusive ``flock`` on the layout directory so that concurrent builds into one store
-cannot lose each other's tags.
+temporary file and a rename, after the blobs it names are durable. Its updates are
+read-modify-write under an exclusive ``flock`` on the layout directory, so that
+concurrent builds into one layout cannot lose each other's tags; the blobs have a lock
+of their own (:mod:`puzzlefs.oci.store`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -27,6 +27,7 @@ from puzzlefs.errors import (
     UsageError,
 )
 from puzzlefs.oci._json import canonical_json
+from puzzlefs.oci._lock import flocked
 from puzzlefs.oci.store import DiskBlobStore
 
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -239,16 +240,6 @@ class ImageLayout:
         is False when the caller already holds the layout's lock."""
         with self.locked() if lock else contextlib.nullcontext():
             self.blobs.sync()
-            index = self.read_index()
-            manifests = [
-                m
-                for m in index.get("manifests", [])
-                if not (
-                    isinstance(m, dict)
-                    and isinstance(m.get("annotations"), dict)
-                    and m["annotations"].get(ANNOTATION_REF_NAME) == tag
-                )
-            ]
             desc = Descriptor(
                 MEDIA_TYPE_MANIFEST,
                 manifest_digest,
@@ -256,19 +247,32 @@ class ImageLayout:
                 {ANNOTATION_REF_NAME: tag},
                 {"architecture": host_architecture(), "os": "linux"},
             )
-            manifests.append(desc.to_json())
-            index["manifests"] = manifests
-            index["schemaVersion"] = 2
-            _atomic_write(self.path / "index.json", canonical_json(index))
+            self._replace_tags({tag}, [desc.to_json()])
+
+    def untag(self, tags: set[str]) -> None:
+        """Drop the descriptors of ``tags`` from index.json (the caller holds the lock)."""
+        self._replace_tags(tags, [])
+
+    def _replace_tags(self, tags: set[str], new: list[dict[str, Any]]) -> None:
+        index = self.read_index()
+        manifests = [
+            m
+            for m in index.get("manifests", [])
+            if not (
+                isinstance(m, dict)
+                and isinstance(m.get("annotations"), dict)
+                and m["annotations"].get(ANNOTATION_REF_NAME) in tags
+            )
+        ]
+        index["manifests"] = manifests + new
+        index["schemaVersion"] = 2
+        _atomic_write(self.path / "index.json", canonical_json(index))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """index.json's lock: held while it is read, changed and replaced."""
+        with flocked(self.path):
             yield
-        finally:
-            os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

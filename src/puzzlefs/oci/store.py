@@ -5,6 +5,16 @@ unnamed file (O_TMPFILE) and linked into place, or where the filesystem cannot, 
 temporary file in the same directory and renamed into place; :meth:`sync` flushes
 the whole filesystem once before index.json (the only thing that makes blobs
 reachable) is replaced.
+
+The store's rules, which make concurrent writers safe without knowing of each other
+(several layouts may share one store through a ``blobs/sha256`` symlink):
+
+- A blob, once stored, is only ever removed by garbage collection, never by a
+  writer, not even one that failed: another writer may have found it present and
+  be about to commit a tag that needs it.
+- Writers hold the store's lock shared (:meth:`BlobStore.writing`) from their first
+  existence check to their last commit; garbage collection holds it exclusively
+  (:meth:`BlobStore.collecting`), so it never sees a half-built image.
 """
 
 from __future__ import annotations
@@ -16,10 +26,12 @@ import hashlib
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 from puzzlefs.digest import Digest
 from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError
+from puzzlefs.oci._lock import flocked
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -80,6 +92,17 @@ class BlobStore(ABC):
         """A file holding the blob, where the store has one (for fs-verity ioctls)."""
         return None
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held by a writer from its first ``has``/``put`` to its tag's commit."""
+        yield
+
+    @contextlib.contextmanager
+    def collecting(self, *, wait: bool = True) -> Iterator[bool]:
+        """Held by garbage collection: no writer is between ``put`` and commit.
+        Yields False (with ``wait=False``) when a writer holds the store."""
+        yield True
+
 
 class MemoryBlobStore(BlobStore):
     def __init__(self) -> None:
@@ -121,6 +144,25 @@ class DiskBlobStore(BlobStore):
     def path(self, digest: Digest) -> Path:
         return self.root / digest.hex
 
+    # The lock is the blob directory's own (through any symlink), so layouts that share
+    # a store share its lock.
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        self._ensure_root()
+        with flocked(self.root, shared=True):
+            yield
+
+    @contextlib.contextmanager
+    def collecting(self, *, wait: bool = True) -> Iterator[bool]:
+        self._ensure_root()
+        with flocked(self.root, wait=wait) as locked:
+            yield locked
+
+    def _ensure_root(self) -> None:
+        if not self._made:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._made = True
+
     def has(self, digest: Digest) -> bool:
         return self.path(digest).is_file()
 
@@ -144,9 +186,7 @@ class DiskBlobStore(BlobStore):
         final = os.path.join(self.root, digest.hex)
         if os.path.exists(final):
             return False
-        if not self._made:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._made = True
+        self._ensure_root()
         if self._tmpfile:
             try:
                 return self._put_unnamed(digest.hex, data)
