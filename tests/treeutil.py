@@ -98,6 +98,11 @@ def make_all_types_tree(root: Path, seed: int = 1) -> None:
     os.setxattr(root / "xattrs", "user.text", b"value")
     os.setxattr(root / "names", "user.on-dir", b"dir value")
     os.setxattr(root / "setuid", "trusted.root-only", b"t")
+    # On SELinux hosts every inode has a label, symlinks and special files included.
+    label = b"system_u:object_r:bin_t:s0\0"
+    for special in ("links/rel", "dev/fifo", "dev/null", "dev/loop0", "dev/socket"):
+        os.setxattr(root / special, "security.selinux", label, follow_symlinks=False)
+    os.setxattr(root / "links" / "abs-dangling", "trusted.on-link", b"v", follow_symlinks=False)
 
 
 def describe(root: Path) -> dict[bytes, dict[str, object]]:

@@ -26,6 +26,7 @@ from puzzlefs.reader import Image, is_valid_name
 
 __all__ = ["ExtractStats", "extract"]
 
+_PROC_FD = os.path.isdir("/proc/self/fd")
 _ZERO_BLOCK = 64 * 1024
 _ZEROS = bytes(_ZERO_BLOCK)
 
@@ -196,16 +197,21 @@ class _Extractor:
             os.close(fd)
 
     def _metadata(self, dirfd: int, name: bytes, path: bytes, inode: Inode, fd: int | None) -> None:
-        target: int | bytes = fd if fd is not None else name
-        kw: dict[str, object] = (
-            {} if fd is not None else {"dir_fd": dirfd, "follow_symlinks": False}
-        )
+        # setxattr has no *at() form. For an entry not opened (a symlink, fifo, device
+        # or socket: opening would follow it or block), the path goes through the
+        # parent's descriptor, and its last component is never followed.
+        target: int | bytes = fd if fd is not None else self._entry_path(dirfd, name, path)
         for key, value in inode.xattrs:
             try:
-                os.setxattr(target, key, value, **kw)  # type: ignore[arg-type]
+                os.setxattr(target, key, value, follow_symlinks=fd is not None)
             except OSError as e:
                 msg = f"{os.fsdecode(path)}: cannot set xattr {os.fsdecode(key)}: {e.strerror}"
-                if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP) and not self.owners:
+                # Linux refuses user.* xattrs on anything but files and directories,
+                # for everyone; and without root, trusted.* and security.* too.
+                not_here = fd is None and key.startswith(b"user.") and e.errno == errno.EPERM
+                if not_here or (
+                    e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP) and not self.owners
+                ):
                     self.stats.warnings.append(msg)
                 else:
                     raise ExtractError(msg) from None
@@ -221,6 +227,12 @@ class _Extractor:
             if self.owners:
                 os.chown(name, inode.uid, inode.gid, dir_fd=dirfd, follow_symlinks=False)
             os.chmod(name, inode.permissions, dir_fd=dirfd)
+
+    def _entry_path(self, dirfd: int, name: bytes, path: bytes) -> bytes:
+        if _PROC_FD:
+            return b"/proc/self/fd/%d/%s" % (dirfd, name)
+        # No /proc (a bare chroot): every directory on the way was made by this run.
+        return os.path.join(os.fsencode(self.dest), path)
 
     def _finish_dir(self, path: bytes, inode: Inode) -> None:
         fd = self._open_dir(path)
