@@ -7,13 +7,40 @@ The Python API::
     result = build("rootfs/", "oci/", "v1", compress=True)
     image = open_image("oci/", "v1", verity_digest=result.manifest_verity)
     extract(image, "out/")
+
+The names are imported on first use, so that ``import puzzlefs`` (and the command
+line, which starts with it) stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from puzzlefs.builder import BuildResult, build  # noqa: E402
-from puzzlefs.errors import PuzzleFSError  # noqa: E402
-from puzzlefs.extract import extract  # noqa: E402
-from puzzlefs.reader import Image, open_image  # noqa: E402
-
 __all__ = ["BuildResult", "Image", "PuzzleFSError", "build", "extract", "open_image"]
+
+_WHERE = {
+    "BuildResult": "puzzlefs.builder",
+    "build": "puzzlefs.builder",
+    "PuzzleFSError": "puzzlefs.errors",
+    "extract": "puzzlefs.extract",
+    "Image": "puzzlefs.reader",
+    "open_image": "puzzlefs.reader",
+}
+
+if TYPE_CHECKING:
+    from puzzlefs.builder import BuildResult, build
+    from puzzlefs.errors import PuzzleFSError
+    from puzzlefs.extract import extract
+    from puzzlefs.reader import Image, open_image
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'puzzlefs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from puzzlefs import __version__
-from puzzlefs.errors import PuzzleFSError, UsageError
+from puzzlefs.errors import PuzzleFSError, Terminated, UsageError
 from puzzlefs.oci import parse_image_ref
 from puzzlefs.progress import Progress
 
@@ -176,6 +177,59 @@ def cmd_du(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tags(args: argparse.Namespace) -> int:
+    from puzzlefs.oci import ImageLayout
+
+    tags = ImageLayout(args.oci_dir).tags()
+    if args.json:
+        rows = [
+            {"tag": t, "digest": str(d.digest), "size": d.size} for t, d in sorted(tags.items())
+        ]
+        print(json.dumps(rows, indent=2))
+    else:
+        for t in sorted(tags):
+            print(t)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from puzzlefs.manage import remove_tags
+    from puzzlefs.oci import ImageLayout
+
+    refs = [_image_ref(r) for r in args.images]
+    dirs = {os.path.abspath(d) for d, _ in refs}
+    if len(dirs) != 1:
+        raise UsageError("rm takes tags of one OCI_DIR at a time")
+    remove_tags(ImageLayout(refs[0][0]), [t for _, t in refs])
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from puzzlefs.manage import gc
+    from puzzlefs.oci import ImageLayout
+
+    report = gc(ImageLayout(args.oci_dir), dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    extra = f" and {report.temporary} temporary file(s)" if report.temporary else ""
+    print(
+        f"{verb} {len(report.removed)} unreferenced blob(s), {_human(report.freed)}{extra};"
+        f" {report.kept} blob(s) in use"
+    )
+    return 0
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def cmd_enable_fs_verity(args: argparse.Namespace) -> int:
     from puzzlefs.reader.verify import enable_fs_verity
 
@@ -294,6 +348,32 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("digest", metavar="MANIFEST_DIGEST", help="as printed by build")
     e.set_defaults(func=cmd_enable_fs_verity)
 
+    tg = sub.add_parser("tags", help="list the tags of an OCI layout")
+    tg.add_argument("oci_dir", metavar="OCI_DIR")
+    tg.add_argument("--json", action="store_true", help="with manifest digests and sizes")
+    tg.set_defaults(func=cmd_tags)
+
+    r = sub.add_parser(
+        "rm",
+        help="remove tags (their blobs stay until gc)",
+        description="Remove tags from an OCI layout's index.json. The blobs they used "
+        "stay until `puzzlefs gc OCI_DIR` removes those no other tag needs.",
+    )
+    r.add_argument("images", nargs="+", metavar="OCI_DIR:TAG")
+    r.set_defaults(func=cmd_rm)
+
+    g = sub.add_parser(
+        "gc",
+        help="remove the blobs no tag needs",
+        description="Remove every blob of OCI_DIR that no manifest in its index.json "
+        "reaches (left by rebuilt or removed tags, or by failed builds). It waits for "
+        "builds in progress to commit first, and they wait for it.",
+    )
+    g.add_argument("oci_dir", metavar="OCI_DIR")
+    g.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
+    g.add_argument("--json", action="store_true", help="print a JSON report")
+    g.set_defaults(func=cmd_gc)
+
     m = sub.add_parser(
         "mount",
         help="mount an image read-only with FUSE",
@@ -368,11 +448,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    func: Handler = args.func
+    # SIGTERM and SIGHUP unwind like Ctrl-C: a build stops its workers, an extract
+    # or export removes what it wrote, and the exit code says which signal it was.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        func: Handler = args.func
         return func(args)
     except PuzzleFSError as e:
         return _fail(e, str(e), e.exit_code)
@@ -382,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"Error: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:  # a bug: still one line, the traceback on request
         return _fail(
             e, f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)", 70

@@ -19,6 +19,8 @@ see. The CLI and the FUSE adapter translate errors in exactly one place each.
     ├── ExtractError               the destination cannot be written safely
     ├── VerityUnsupported          the kernel or filesystem has no fs-verity
     └── MountError
+
+    Terminated (BaseException)     SIGTERM or SIGHUP: unwind as Ctrl-C does
 """
 
 from __future__ import annotations
@@ -95,3 +97,14 @@ class VerityUnsupported(PuzzleFSError):
 
 class MountError(PuzzleFSError):
     pass
+
+
+class Terminated(BaseException):
+    """A termination signal arrived. Raised from the signal handler the CLI installs,
+    so that every cleanup runs as for Ctrl-C (KeyboardInterrupt), then the process
+    exits with 128 + the signal number, as a shell reports a killed command."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
