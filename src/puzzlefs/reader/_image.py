@@ -1,11 +1,11 @@
-"""An opened image: the layer stack, caches and reads."""
+"""An opened image as Python objects: the layer stack resolved inode by inode through
+pycapnp, for extraction, export, delta builds and the tests (the mount serves from the
+compact tables of :mod:`puzzlefs.reader._tables` instead)."""
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
-import os
 import stat
 import threading
 from collections.abc import Iterator
@@ -13,20 +13,13 @@ from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
-from puzzlefs.compression import SeekableBlob
 from puzzlefs.digest import Digest
-from puzzlefs.errors import (
-    BlobNotFound,
-    ImageError,
-    MetadataError,
-    PuzzleFSError,
-    VerityMismatch,
-)
+from puzzlefs.errors import ImageError, MetadataError, PuzzleFSError
 from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
-from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
+from puzzlefs.oci import ImageLayout, Manifest
 from puzzlefs.reader._cache import LRU
-from puzzlefs.reader._readahead import Readahead
-from puzzlefs.verity import fsverity_digest, measure_verity
+from puzzlefs.reader._data import ChunkReader
+from puzzlefs.reader._open import OpenedImage
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +34,6 @@ _FMT = {
     Kind.UNKNOWN: 0,
 }
 INODE_CACHE_ENTRIES = 65536
-BLOB_CACHE_BYTES = 128 * 1024 * 1024
-# Decompressed zstd frames at the edges of recent reads (see SeekableBlob.read).
-FRAME_CACHE_BYTES = 16 * 1024 * 1024
-MEASURE_GIVE_UP = 16
 
 
 class NotFound(PuzzleFSError, KeyError):
@@ -85,46 +74,27 @@ class Image:
         *,
         verity_digest: str | None = None,
     ) -> None:
+        self.opened = OpenedImage(layout, tag, verity_digest=verity_digest)
         self.layout = layout
         self.tag = tag
-        self.manifest_descriptor, manifest_bytes, self.manifest = layout.read_manifest(tag)
-        self._verify_verity = verity_digest is not None
-        if verity_digest is not None:
-            actual = fsverity_digest(manifest_bytes).hex()
-            if actual != verity_digest.lower():
-                raise VerityMismatch(f"manifest of {tag!r}", verity_digest.lower(), actual)
-        self.rootfs_descriptor = self.manifest.rootfs
-        rootfs_bytes = self._read_rootfs(self.rootfs_descriptor)
-        self.rootfs = RootfsReader(rootfs_bytes)
+        self.manifest_descriptor = self.opened.manifest_descriptor
+        self.manifest = self.opened.manifest
+        self.rootfs_descriptor = self.opened.rootfs_descriptor
+        self.rootfs = RootfsReader(self.opened.rootfs_bytes())
         self._verity: dict[bytes, bytes] = self.rootfs.verity()
-        self._verified: set[bytes] = set()
         self._inodes: LRU[int, Inode | None] = LRU(INODE_CACHE_ENTRIES)
         self._dirs: LRU[int, dict[bytes, Ino]] = LRU(4096, lambda d: max(1, len(d) // 64))
         self._offsets: LRU[int, list[int]] = LRU(INODE_CACHE_ENTRIES // 4)
-        self._blobs: LRU[bytes, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
-        self._frames: LRU[tuple[bytes, int], bytes] = LRU(FRAME_CACHE_BYTES, len)
         self._nlinks: dict[int, int] | None = None
         self._usage: tuple[int, int] | None = None
         self._attrs: LRU[int, InodeAttr] = LRU(INODE_CACHE_ENTRIES)
-        stream = [d.digest.raw for d in self.manifest.chunk_layers]
-        self._readahead = Readahead(self._blob_path, stream)
-        self._lock = threading.Lock()
+        self.data = ChunkReader(
+            layout,
+            self._verity.get,
+            verify_verity=self.opened.verify_verity,
+            stream=self.opened.chunk_stream,
+        )
         self._walk_lock = threading.Lock()
-        self._measure_misses = 0
-
-    # -- opening ---------------------------------------------------------------------
-    def _read_rootfs(self, desc: Descriptor) -> bytes:
-        data = self.layout.blobs.get(desc.digest)
-        if len(data) != desc.size:
-            raise ImageError(f"rootfs blob size {len(data)} does not match manifest ({desc.size})")
-        if self._verify_verity:
-            expected = desc.annotations.get(ANNOTATION_VERITY_ROOT)
-            if not expected:
-                raise ImageError("manifest has no fs-verity digest for the rootfs")
-            actual = fsverity_digest(data).hex()
-            if actual != expected.lower():
-                raise VerityMismatch(f"rootfs blob {desc.digest.hex}", expected.lower(), actual)
-        return data
 
     @property
     def verity_data(self) -> dict[bytes, bytes]:
@@ -288,8 +258,7 @@ class Image:
     def usage(self) -> tuple[int, int]:
         """``(stored chunk bytes, visible inodes)``, for statfs (asked often)."""
         if self._usage is None:
-            chunks = {d.digest: d.size for d in self.manifest.chunk_layers}
-            self._usage = sum(chunks.values()), len(self._nlink_table())
+            self._usage = self.opened.stored_chunk_bytes(), len(self._nlink_table())
         return self._usage
 
     # -- data -------------------------------------------------------------------------
@@ -326,99 +295,13 @@ class Image:
         return starts
 
     def _read_chunk(self, chunk: FileChunk, within: int, n: int) -> bytes:
-        blob = self.blob(chunk.blob.digest, chunk.blob.compressed)
-        start = chunk.blob.offset + within
-        blob_size = blob.size if isinstance(blob, SeekableBlob) else len(blob)
-        if chunk.blob.offset + chunk.len > blob_size:
-            raise MetadataError(
-                f"file chunk [{chunk.blob.offset}, +{chunk.len}) lies outside blob "
-                f"{chunk.blob.digest.hex()} ({blob_size} bytes)"
-            )
-        if isinstance(blob, SeekableBlob):
-            return blob.read(start, n, self._frames, chunk.blob.digest)
-        return blob[start : start + n]
-
-    def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
-        """A chunk blob, verified, decoded for random access, cached."""
-        cached = self._blobs.get(raw_digest)
-        if cached is not None:
-            return cached
-        self._readahead.loading(raw_digest)
-        data = self._fetch(raw_digest)
-        value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
-        self._blobs.put(raw_digest, value)
-        return value
-
-    def _blob_path(self, raw_digest: bytes) -> str | None:
-        path = self.layout.blobs.path(Digest.from_raw(raw_digest))
-        return None if path is None else str(path)
+        ref = chunk.blob
+        return self.data.read(
+            ref.digest, ref.compressed, ref.offset + within, n, ref.offset + chunk.len
+        )
 
     def enable_readahead(self) -> None:
-        """Announce the next chunk blobs to the kernel when reads look sequential (for
-        a long-lived reader such as a mount; it starts a small helper process)."""
-        self._readahead.enable()
-
-    def _fetch(self, raw_digest: bytes) -> bytes:
-        """A chunk blob's stored bytes, checked against its fs-verity digest the first
-        time (with ``verity_digest``), against its sha256 otherwise.
-
-        One check suffices: the fs-verity digest of the chain is as collision-resistant
-        as the sha256 that names the blob, so the first load of each chunk under
-        ``--digest`` costs one hash of its bytes, not two.
-        """
-        digest = Digest.from_raw(raw_digest)
-        try:
-            data = self.layout.blobs.get(digest, verify=False)
-        except BlobNotFound:
-            raise BlobNotFound(f"chunk blob {digest.hex} is missing") from None
-        if self._verify_verity and raw_digest not in self._verified:
-            self._check_verity(raw_digest, data)
-            return data
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest.hex:
-            raise ImageError(f"chunk blob {digest.hex} is corrupt (its sha256 is {actual})")
-        return data
-
-    def _check_verity(self, raw_digest: bytes, data: bytes) -> None:
-        expected = self._verity.get(raw_digest)
-        hexd = raw_digest.hex()
-        if expected is None:
-            raise VerityMismatch(f"chunk blob {hexd}", "an fsVerityData entry", "none")
-        actual = self._measured(raw_digest) or fsverity_digest(data)
-        if actual != expected:
-            raise VerityMismatch(f"chunk blob {hexd}", expected.hex(), actual.hex())
-        with self._lock:
-            self._verified.add(raw_digest)
-
-    def _measured(self, raw_digest: bytes) -> bytes | None:
-        """The kernel's fs-verity measurement of a blob file, where it has one: a cheap
-        ioctl instead of hashing the whole blob in user space.
-
-        Asking costs an open and an ioctl per blob (a quarter of the user-space hash on
-        a mount); after ``MEASURE_GIVE_UP`` blobs in a row without fs-verity, the store
-        is taken to have none and is no longer asked (user-space hashing is as safe).
-        """
-        if self._measure_misses >= MEASURE_GIVE_UP:
-            return None
-        path = self.layout.blobs.path(Digest.from_raw(raw_digest))
-        measured = None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            pass
-        else:
-            try:
-                measured = measure_verity(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        self._measure_misses = 0 if measured is not None else self._measure_misses + 1
-        return measured
-
-
-def _blob_weight(v: bytes | SeekableBlob) -> int:
-    return v.size if isinstance(v, SeekableBlob) else len(v)
+        self.data.enable_readahead()
 
 
 def _makedev(major: int, minor: int) -> int:

@@ -1,0 +1,100 @@
+"""Opening one tag of a layout: the manifest and the rootfs, checked against the
+fs-verity chain when a digest is given, before anything else looks at them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError, VerityMismatch
+from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout
+from puzzlefs.verity import fsverity_digest, fsverity_digest_fd
+
+__all__ = ["OpenedImage"]
+
+
+class OpenedImage:
+    """A tag's manifest (verified), and its rootfs blob on demand (verified).
+
+    ``verity_digest`` (hex): the fs-verity digest of the manifest, as ``build`` printed
+    it. With it, the manifest and the rootfs are checked against the fs-verity chain;
+    without it, against their sha256 (the blob store checks that on every read).
+    """
+
+    def __init__(self, layout: ImageLayout, tag: str, *, verity_digest: str | None = None):
+        self.layout = layout
+        self.tag = tag
+        self.manifest_descriptor, manifest_bytes, self.manifest = layout.read_manifest(tag)
+        self.verify_verity = verity_digest is not None
+        if verity_digest is not None:
+            actual = fsverity_digest(manifest_bytes).hex()
+            if actual != verity_digest.lower():
+                raise VerityMismatch(f"manifest of {tag!r}", verity_digest.lower(), actual)
+        self.rootfs_descriptor: Descriptor = self.manifest.rootfs
+        self._rootfs: bytes | None = None
+
+    def rootfs_bytes(self) -> bytes:
+        """The rootfs blob, checked (once) against its size, sha256 and, with a
+        digest, the fs-verity digest the manifest records for it."""
+        if self._rootfs is None:
+            desc = self.rootfs_descriptor
+            data = self.layout.blobs.get(desc.digest)
+            if len(data) != desc.size:
+                raise ImageError(
+                    f"rootfs blob size {len(data)} does not match manifest ({desc.size})"
+                )
+            if self.verify_verity:
+                expected = self._rootfs_verity()
+                actual = fsverity_digest(data).hex()
+                if actual != expected:
+                    raise VerityMismatch(f"rootfs blob {desc.digest.hex}", expected, actual)
+            self._rootfs = data
+        return self._rootfs
+
+    def check_rootfs(self) -> None:
+        """What :meth:`rootfs_bytes` checks, streamed from the file: for a reader that
+        needs the rootfs intact but not its bytes (a mount whose index exists)."""
+        desc = self.rootfs_descriptor
+        path = self.layout.blobs.path(desc.digest)
+        what = f"rootfs blob {desc.digest.hex}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BlobNotFound(f"{what} is missing") from None
+        except OSError as e:
+            raise ImageError(f"{what}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{what} is not a regular file")
+            if st.st_size != desc.size:
+                raise ImageError(
+                    f"rootfs blob size {st.st_size} does not match manifest ({desc.size})"
+                )
+            with os.fdopen(os.dup(fd), "rb") as f:
+                actual = hashlib.file_digest(f, "sha256").hexdigest()
+            if actual != desc.digest.hex:
+                raise DigestMismatch(what, desc.digest.hex, actual)
+            if self.verify_verity:
+                expected = self._rootfs_verity()
+                got = fsverity_digest_fd(fd).hex()
+                if got != expected:
+                    raise VerityMismatch(what, expected, got)
+        finally:
+            os.close(fd)
+
+    def _rootfs_verity(self) -> str:
+        expected = self.rootfs_descriptor.annotations.get(ANNOTATION_VERITY_ROOT)
+        if not expected:
+            raise ImageError("manifest has no fs-verity digest for the rootfs")
+        return expected.lower()
+
+    def stored_chunk_bytes(self) -> int:
+        """What the image's chunk blobs take in the store (for statfs)."""
+        return sum({d.digest: d.size for d in self.manifest.chunk_layers}.values())
+
+    @property
+    def chunk_stream(self) -> list[bytes]:
+        """The chunk blobs in the manifest's (stream) order, for readahead."""
+        return [d.digest.raw for d in self.manifest.chunk_layers]
