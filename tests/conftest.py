@@ -13,6 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from treeutil import make_all_types_tree, shared_dir  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_index_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Mount indexes go to a directory of this run, not the user's cache (children
+    started by the tests inherit it)."""
+    os.environ["PUZZLEFS_INDEX_DIR"] = str(tmp_path_factory.mktemp("index"))
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     path = shared_dir()

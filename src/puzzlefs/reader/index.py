@@ -1,0 +1,136 @@
+"""The persistent index of an image's tree: its tables (:mod:`puzzlefs.reader._tables`)
+kept in a private cache directory, named by the sha256 of the rootfs they come from.
+
+The first mount of an image builds the index from the rootfs; later mounts of any
+image with the same rootfs map it in milliseconds. A file is used only if it is ours,
+private, of this format version, made from exactly this rootfs (its header names the
+rootfs's sha256, which the manifest vouches for, and with ``--digest`` the fs-verity
+chain), and its own checksum holds; anything else is rebuilt, never served. The rootfs
+stays the authority: the index is derived from it, and rebuilt from it whenever in
+doubt. The cache is bounded (least recently used indexes go first).
+
+Where: ``$PUZZLEFS_INDEX_DIR``, else ``$XDG_CACHE_HOME/puzzlefs/index``, else
+``~/.cache/puzzlefs/index``. Where it cannot be written, the index lives in memory for
+the one mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from puzzlefs.errors import MetadataError
+from puzzlefs.reader._open import OpenedImage
+from puzzlefs.reader._tables import VERSION, Tables, build_tables, open_tables
+
+__all__ = ["CACHE_BYTES", "index_dir", "load_tables"]
+
+log = logging.getLogger(__name__)
+
+CACHE_BYTES = 2 << 30  # indexes beyond this many bytes: the least recently used go
+
+
+def index_dir() -> Path:
+    env = os.environ.get("PUZZLEFS_INDEX_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "puzzlefs" / "index"
+
+
+def _path(directory: Path, rootfs_hex: str) -> Path:
+    return directory / f"{rootfs_hex}.v{VERSION}"
+
+
+def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
+    """The image's tables: the stored index if it is sound, else built (and stored).
+
+    Either way the rootfs itself is checked first (its sha256, and with a digest its
+    fs-verity digest): an index is never served for a rootfs that is not there and
+    intact. With an index at hand, that check and the index's own run side by side.
+    """
+    where = directory or index_dir()
+    digest = image.rootfs_descriptor.digest
+    path = _path(where, digest.hex)
+    checked: list[BaseException | None] = []
+
+    def check() -> None:
+        try:
+            image.check_rootfs()
+            checked.append(None)
+        except BaseException as e:
+            checked.append(e)
+
+    if path.exists():
+        thread = threading.Thread(target=check, name="puzzlefs-rootfs-check")
+        thread.start()
+        try:
+            tables: Tables | None = open_tables(str(path))
+        except (OSError, MetadataError) as e:
+            log.warning("index %s is unusable (%s): rebuilding it", path, e)
+            tables = None
+        thread.join()
+        if checked[0] is not None:
+            if tables is not None:
+                tables.close()
+            raise checked[0]
+        if tables is not None:
+            if tables.rootfs_sha256 == digest.raw:
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used
+                return tables
+            tables.close()
+            log.warning("index %s was made from another rootfs: rebuilding it", path)
+    from puzzlefs.format import MANIFEST_VERSION
+    from puzzlefs.format._bulk import decode_rootfs
+
+    data = image.rootfs_bytes()
+    built = build_tables(decode_rootfs(data, expected_version=MANIFEST_VERSION), digest.raw)
+    for line in built.problems:
+        log.warning("%s:%s: %s", image.layout.path, image.tag, line)
+    try:
+        _store(where, path, built.data)
+    except OSError as e:
+        log.info("cannot keep the index in %s (%s): it lives in memory", where, e.strerror)
+        return Tables(built.data)
+    try:
+        return open_tables(str(path))
+    except (OSError, MetadataError):
+        return Tables(built.data)
+
+
+def _store(directory: Path, path: Path, data: bytes) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _evict(directory, keep=path)
+
+
+def _evict(directory: Path, keep: Path, limit: int = CACHE_BYTES) -> None:
+    """Remove the least recently used indexes until the rest fit in ``limit``."""
+    entries = []
+    with contextlib.suppress(OSError), os.scandir(directory) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                if e.is_file(follow_symlinks=False) and not e.name.startswith(".tmp-"):
+                    st = e.stat(follow_symlinks=False)
+                    entries.append((st.st_mtime, st.st_size, e.path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        if path != str(keep):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            total -= size
