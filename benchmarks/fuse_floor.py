@@ -23,9 +23,21 @@ import pyfuse3
 import trio
 
 from puzzlefs.format import Kind
-from puzzlefs.fuse import _entry_attributes
 from puzzlefs.oci import parse_image_ref
-from puzzlefs.reader import open_image
+from puzzlefs.reader import InodeAttr, open_image
+
+TIMEOUT = 365 * 24 * 3600.0
+
+
+def _entry_attributes(a: InodeAttr) -> pyfuse3.EntryAttributes:
+    """The attributes puzzlefs's mount replies with, as pyfuse3 wants them."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.ino
+    e.entry_timeout = e.attr_timeout = TIMEOUT
+    e.st_mode, e.st_nlink, e.st_uid, e.st_gid = a.mode, a.nlink, a.uid, a.gid
+    e.st_rdev, e.st_size, e.st_blocks = a.rdev, a.size, a.blocks
+    e.st_blksize = 128 * 1024
+    return e
 
 
 class Floor(pyfuse3.Operations):

@@ -1,0 +1,265 @@
+"""The puzzlefs filesystem on the FUSE session: a translator from requests to the
+image's tables (metadata) and chunk reader (data), nothing more.
+
+Inode numbers are the image's own (the root is 1). The image never changes, so the
+kernel may keep everything: entries, negative entries and attributes for a year, no
+OPEN or OPENDIR requests at all (the kernel then keeps file pages and directory
+listings cached across opens), symlink targets cached, and listings only as
+readdirplus (every entry arrives with its attributes: no LOOKUP per entry after it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+
+from puzzlefs.errors import MetadataError
+from puzzlefs.fuse import _abi
+from puzzlefs.fuse.session import Connection, FuseError, Reply, Request
+from puzzlefs.reader._cache import LRU
+from puzzlefs.reader._data import ChunkReader
+from puzzlefs.reader._tables import Attr, Tables
+
+__all__ = ["TIMEOUT", "ImageFS"]
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 365 * 24 * 3600  # seconds: the image never changes under the kernel
+BLKSIZE = 128 * 1024  # st_blksize: the kernel's read size, a hint for cp and friends
+_CHUNK_LISTS = 4096  # files whose chunk lists are kept decoded (open files, mostly)
+
+
+class ImageFS:
+    """Serves one image. ``on_live`` is called once INIT has been answered."""
+
+    def __init__(
+        self,
+        tables: Tables,
+        data: ChunkReader,
+        *,
+        stored_bytes: int = 0,
+        on_live: Callable[[Connection], None] | None = None,
+        allow_uids: frozenset[int] | None = None,
+    ) -> None:
+        self.tables = tables
+        self.data = data
+        self.stored_bytes = stored_bytes
+        self.on_live = on_live
+        self.allow_uids = allow_uids
+        self.conn: Connection | None = None
+        self._chunks: LRU[int, tuple[list[int], list[tuple[int, int, int, bool]]]] = LRU(
+            _CHUNK_LISTS
+        )
+
+    # -- the session's side --------------------------------------------------------
+    def handlers(self) -> dict[int, Callable[[Request], Reply]]:
+        table: dict[int, Callable[[Request], Reply]] = {
+            _abi.LOOKUP: self.lookup,
+            _abi.GETATTR: self.getattr,
+            _abi.READLINK: self.readlink,
+            _abi.OPEN: self.open,
+            _abi.OPENDIR: self.opendir,
+            _abi.READ: self.read,
+            _abi.READDIR: self.readdir,
+            _abi.READDIRPLUS: self.readdirplus,
+            _abi.RELEASE: _nothing,
+            _abi.RELEASEDIR: _nothing,
+            _abi.STATFS: self.statfs,
+            _abi.GETXATTR: self.getxattr,
+            _abi.LISTXATTR: self.listxattr,
+            _abi.FORGET: _nothing,  # inodes are rows of the tables: nothing to forget
+            _abi.BATCH_FORGET: _nothing,
+            _abi.INTERRUPT: _nothing,  # every request is short: let it finish
+        }
+        if self.allow_uids is not None:
+            return {op: self._guarded(h) for op, h in table.items()}
+        return table
+
+    def connected(self, conn: Connection) -> None:
+        self.conn = conn
+        if self.on_live is not None:
+            self.on_live(conn)
+
+    def _guarded(self, handler: Callable[[Request], Reply]) -> Callable[[Request], Reply]:
+        """``-o allow_root``: the kernel lets everyone in (allow_other), we only the
+        mounting user and root."""
+        allowed = self.allow_uids or frozenset()
+
+        def guarded(req: Request) -> Reply:
+            if req.uid not in allowed and req.opcode not in _abi.NO_REPLY:
+                raise FuseError(errno.EACCES)
+            return handler(req)
+
+        return guarded
+
+    # -- helpers --------------------------------------------------------------------
+    def _attr(self, nodeid: int) -> Attr:
+        row = self.tables.row_of(nodeid)
+        if row is None:
+            raise FuseError(errno.ENOENT)
+        return self.tables.attr(row)
+
+    def _entry(self, row: int) -> bytes:
+        ino, size, mode, nlink, uid, gid, a, b, _, _ = self.tables.raw_attr(row)
+        return _abi.ENTRY_OUT.pack(
+            ino, 0, TIMEOUT, TIMEOUT, 0, 0,
+            ino, size, (size + 511) >> 9, 0, 0, 0, 0, 0, 0,
+            mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
+        )  # fmt: skip
+
+    # -- metadata -----------------------------------------------------------------
+    def lookup(self, req: Request) -> Reply:
+        parent = self._attr(req.nodeid)
+        if parent.kind != stat.S_IFDIR:
+            raise FuseError(errno.ENOTDIR)
+        body = req.body
+        end = bytes(body).find(b"\0")
+        name = bytes(body[: end if end >= 0 else len(body)])
+        row = self.tables.lookup(parent, name)
+        if row is None:
+            # A negative entry the kernel may cache as long as a positive one.
+            return _NEGATIVE
+        return self._entry(row)
+
+    def getattr(self, req: Request) -> Reply:
+        row = self.tables.row_of(req.nodeid)
+        if row is None:
+            raise FuseError(errno.ENOENT)
+        ino, size, mode, nlink, uid, gid, a, b, _, _ = self.tables.raw_attr(row)
+        return _abi.ATTR_OUT.pack(
+            TIMEOUT, 0, 0,
+            ino, size, (size + 511) >> 9, 0, 0, 0, 0, 0, 0,
+            mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
+        )  # fmt: skip
+
+    def readlink(self, req: Request) -> Reply:
+        attr = self._attr(req.nodeid)
+        if attr.kind != stat.S_IFLNK:
+            raise FuseError(errno.EINVAL)
+        return self.tables.symlink_target(attr)
+
+    def statfs(self, req: Request) -> Reply:
+        blocks = (self.stored_bytes + 4095) // 4096
+        return _abi.STATFS_OUT.pack(blocks, 0, 0, self.tables.count, 0, 4096, 255, 4096, 0)
+
+    def getxattr(self, req: Request) -> Reply:
+        size, _ = _abi.GETXATTR_IN.unpack_from(req.body)
+        raw = bytes(req.body[_abi.GETXATTR_IN.size :])
+        name = raw[: raw.find(b"\0")] if b"\0" in raw else raw
+        for key, value in self.tables.xattrs(self._attr(req.nodeid)):
+            if key == name:
+                return _sized(value, size)
+        raise FuseError(errno.ENODATA)
+
+    def listxattr(self, req: Request) -> Reply:
+        size, _ = _abi.GETXATTR_IN.unpack_from(req.body)
+        keys = b"".join(k + b"\0" for k, _ in self.tables.xattrs(self._attr(req.nodeid)))
+        return _sized(keys, size)
+
+    # -- opening: the kernel need not ask (no-open); when it does, keep its caches ----
+    def open(self, req: Request) -> Reply:
+        if self.conn is not None and self.conn.no_open:
+            raise FuseError(errno.ENOSYS)
+        flags, _ = _abi.GETXATTR_IN.unpack_from(req.body)  # fuse_open_in: flags, open_flags
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FuseError(errno.EROFS)
+        if self._attr(req.nodeid).kind != stat.S_IFREG:
+            raise FuseError(errno.EISDIR)
+        return _abi.OPEN_OUT.pack(0, _abi.FOPEN_KEEP_CACHE, 0)
+
+    def opendir(self, req: Request) -> Reply:
+        if self.conn is not None and self.conn.no_opendir:
+            raise FuseError(errno.ENOSYS)
+        if self._attr(req.nodeid).kind != stat.S_IFDIR:
+            raise FuseError(errno.ENOTDIR)
+        return _abi.OPEN_OUT.pack(0, _abi.FOPEN_KEEP_CACHE | _abi.FOPEN_CACHE_DIR, 0)
+
+    # -- directories --------------------------------------------------------------
+    def readdir(self, req: Request) -> Reply:
+        return self._listing(req, plus=False)
+
+    def readdirplus(self, req: Request) -> Reply:
+        return self._listing(req, plus=True)
+
+    def _listing(self, req: Request, *, plus: bool) -> Reply:
+        directory = self._attr(req.nodeid)
+        if directory.kind != stat.S_IFDIR:
+            raise FuseError(errno.ENOTDIR)
+        _, offset, size, _, _, _, _ = _abi.READ_IN.unpack_from(req.body)
+        out: list[bytes] = []
+        used = 0
+        tables = self.tables
+        pack_dirent = _abi.DIRENT.pack
+        for position, row, name in tables.entries(directory, offset):
+            rec = _abi.dirent_size(len(name), plus)
+            if used + rec > size:
+                break
+            ino, _, mode, *_ = tables.raw_attr(row)
+            head = self._entry(row) if plus else b""
+            tail = pack_dirent(ino, position + 1, len(name), mode >> 12) + name
+            out.append(head + tail + bytes(rec - len(head) - len(tail)))
+            used += rec
+        return b"".join(out)
+
+    # -- files --------------------------------------------------------------------
+    def read(self, req: Request) -> Reply:
+        _, offset, size, _, _, _, _ = _abi.READ_IN.unpack_from(req.body)
+        row = self.tables.row_of(req.nodeid)
+        if row is None:
+            raise FuseError(errno.ENOENT)
+        cached = self._chunks.get(row)
+        attr = self.tables.attr(row)
+        if attr.kind != stat.S_IFREG:
+            raise FuseError(errno.EISDIR if attr.kind == stat.S_IFDIR else errno.EINVAL)
+        if cached is None:
+            pieces = self.tables.chunks(attr)
+            cached = ([p[0] for p in pieces], pieces)
+            self._chunks.put(row, cached)
+        starts, pieces = cached
+        end = min(offset + size, attr.size)
+        if offset >= end:
+            return b""
+        i = bisect.bisect_right(starts, offset) - 1
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end and i < len(pieces):
+            file_off, blob_off, blob, compressed = pieces[i]
+            piece_end = starts[i + 1] if i + 1 < len(pieces) else attr.size
+            n = min(piece_end, end) - pos
+            digest, _ = self.tables.blob(blob)
+            within = blob_off + pos - file_off
+            parts.append(
+                self.data.read(digest, compressed, within, n, blob_off + piece_end - file_off)
+            )
+            pos += n
+            i += 1
+        if pos < end:
+            raise MetadataError(f"inode {attr.ino}: its chunks end before its size")
+        return parts
+
+
+def _nothing(req: Request) -> Reply:
+    return None
+
+
+def _rdev(mode: int, a: int, b: int) -> int:
+    fmt = mode & 0o170000
+    if fmt == stat.S_IFCHR or fmt == stat.S_IFBLK:
+        return (b & 0xFF) | (a << 8) | ((b & ~0xFF) << 12)
+    return 0
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """The getxattr/listxattr protocol: size 0 asks how large; too small is ERANGE."""
+    if size == 0:
+        return _abi.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise FuseError(errno.ERANGE)
+    return value
+
+
+_NEGATIVE = _abi.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))

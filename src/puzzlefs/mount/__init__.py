@@ -1,0 +1,155 @@
+"""Mounting and unmounting images.
+
+``mount`` checks everything it can before the filesystem goes live (the mountpoint,
+the options, the image and its fs-verity chain, the index of its tree) so that errors
+reach the user's terminal as one line; :mod:`puzzlefs.mount.daemon` then serves it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from puzzlefs.errors import MountError
+from puzzlefs.mount.mountinfo import FSTYPE, MountInfo, canonical, find_mount
+from puzzlefs.mount.options import parse_options
+
+if TYPE_CHECKING:
+    from puzzlefs.fuse.filesystem import ImageFS
+    from puzzlefs.fuse.session import Connection
+    from puzzlefs.mount.daemon import MakeFS
+
+__all__ = [
+    "FSTYPE",
+    "MountInfo",
+    "check_mountpoint",
+    "find_mount",
+    "mount",
+    "umount",
+]
+
+SERVING_THREADS = 2
+
+
+def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = False) -> str:
+    """The absolute mountpoint, after refusing anything a mount must not go onto."""
+    p = canonical(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(
+                f"mountpoint {path} is a dead FUSE mount (transport endpoint is not "
+                f"connected); clean it with: puzzlefs umount {path}"
+            ) from None
+        raise MountError(f"mountpoint {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {path} is not a directory")
+    existing = find_mount(p)
+    if existing is not None:
+        raise MountError(
+            f"mountpoint {path} is already a mount point ({existing.fstype} from "
+            f"{existing.source}); unmount it first"
+        )
+    if not allow_nonempty:
+        try:
+            with os.scandir(p) as it:
+                nonempty = any(True for _ in it)
+        except OSError as e:
+            raise MountError(f"mountpoint {path}: {e.strerror}") from None
+        if nonempty:
+            raise MountError(f"mountpoint {path} is not empty (-o nonempty mounts over it)")
+    return p
+
+
+def mount(
+    oci_dir: str | os.PathLike[str],
+    tag: str,
+    mountpoint: str | os.PathLike[str],
+    *,
+    verity_digest: str | None = None,
+    options: Iterable[str] = (),
+    foreground: bool = False,
+    init_pipe: str | None = None,
+    log_file: str | None = None,
+    threads: int = SERVING_THREADS,
+) -> None:
+    """Mount ``oci_dir:tag`` read-only at ``mountpoint``.
+
+    The image is opened (and with ``verity_digest``, its manifest and rootfs checked
+    against the fs-verity chain) and its index loaded or built before anything is
+    mounted. Background (default): returns once the mount is live; the daemon logs to
+    syslog, or to ``log_file``. Foreground: serves until unmounted or signalled,
+    logging to stderr (and to ``log_file`` if given). ``init_pipe``: a FIFO (or file)
+    that gets ``s`` once the mount is live, ``f`` if it failed, as the reference
+    writes. Raises a :class:`~puzzlefs.errors.PuzzleFSError` (nothing left mounted).
+    """
+    from puzzlefs.mount import daemon, logs
+
+    notify = daemon.InitPipe(init_pipe)
+    try:
+        opts = parse_options(options, oci_dir, tag)
+        target = check_mountpoint(mountpoint, allow_nonempty=opts.nonempty)
+        make_fs = _filesystem(Path(os.path.abspath(oci_dir)), tag, verity_digest, opts.allow_root)
+        handler = logs.log_handler(log_file, foreground)
+        if foreground:
+            handlers = [handler, logs.stderr_handler()]
+            daemon.serve_foreground(make_fs, target, opts.flags, notify, threads, handlers)
+        else:
+            daemon.serve_background(make_fs, target, opts.flags, notify, threads, handler)
+    except BaseException:
+        notify.send(b"f")
+        raise
+    finally:
+        notify.close()
+
+
+def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: bool) -> MakeFS:
+    """Open the image now (errors are the caller's); the filesystem object is made in
+    the process that serves it."""
+    from puzzlefs.fuse.filesystem import ImageFS
+    from puzzlefs.oci import ImageLayout
+    from puzzlefs.reader._data import ChunkReader
+    from puzzlefs.reader._open import OpenedImage
+    from puzzlefs.reader.index import load_tables
+
+    image = OpenedImage(ImageLayout(oci_dir), tag, verity_digest=verity_digest)
+    if image.verify_verity:
+        image.rootfs_bytes()  # the chain is checked before anything is mounted
+    tables = load_tables(image)
+    verity = {digest: v for digest, v in tables.blobs() if v is not None}
+    stored = image.stored_chunk_bytes()
+    allow = frozenset({0, os.geteuid()}) if allow_root else None
+
+    def make(on_live: Callable[[Connection], None]) -> ImageFS:
+        data = ChunkReader(
+            image.layout, verity.get, verify_verity=image.verify_verity, stream=image.chunk_stream
+        )
+
+        def live(conn: Connection) -> None:
+            data.enable_readahead()
+            on_live(conn)
+
+        return ImageFS(tables, data, stored_bytes=stored, on_live=live, allow_uids=allow)
+
+    return make
+
+
+def umount(mountpoint: str | os.PathLike[str]) -> None:
+    """Unmount a puzzlefs mount; refuse anything else."""
+    from puzzlefs.fuse.kernel import unmount
+
+    info = find_mount(mountpoint)
+    if info is None:
+        raise MountError(f"{mountpoint} is not a mount point")
+    if not info.is_puzzlefs:
+        raise MountError(
+            f"{mountpoint} is not a puzzlefs mount (it is {info.fstype} from {info.source})"
+        )
+    unmount(info.mountpoint)

@@ -1,0 +1,64 @@
+"""Where the mount daemon's messages go: syslog, a file, or (foreground) stderr."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import stat
+import sys
+from collections.abc import Iterable
+
+from puzzlefs.errors import MountError
+
+__all__ = ["configure_logging", "log_handler", "stderr_handler"]
+
+SYSLOG_SOCKET = "/dev/log"
+_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def log_handler(log_file: str | None, foreground: bool) -> logging.Handler | None:
+    """Opened before forking, so that a bad log file or a missing syslog is reported
+    on the terminal."""
+    if log_file is not None:
+        try:
+            h: logging.Handler = logging.FileHandler(log_file)
+        except OSError as e:
+            raise MountError(f"log file {log_file}: {e.strerror}") from None
+        h.setFormatter(logging.Formatter("%(asctime)s puzzlefs[%(process)d] " + _FORMAT))
+        return h
+    if foreground:
+        return None
+    try:
+        if not stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
+            raise OSError(errno.ENOTSOCK, "not a socket")
+        sh = logging.handlers.SysLogHandler(
+            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+    except OSError:
+        print(
+            f"warning: no syslog at {SYSLOG_SOCKET}: the mount daemon's messages are "
+            "discarded (use --log-file FILE to keep them)",
+            file=sys.stderr,
+        )
+        return None
+    sh.ident = "puzzlefs: "
+    sh.setFormatter(logging.Formatter(_FORMAT))
+    return sh
+
+
+def stderr_handler() -> logging.Handler:
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("puzzlefs: " + _FORMAT))
+    return h
+
+
+def configure_logging(handlers: Iterable[logging.Handler | None]) -> None:
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    for new in handlers:
+        if new is not None:
+            root.addHandler(new)
+    root.setLevel(logging.DEBUG if os.environ.get("PUZZLEFS_DEBUG") else logging.INFO)
