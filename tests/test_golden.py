@@ -9,13 +9,21 @@ import random
 from pathlib import Path
 
 import pytest
+from treeutil import set_mtimes
 
 from puzzlefs import build
 
+# Without times (--no-mtimes): the images the reference would store for this tree.
 GOLDEN = {
     False: "bd978130a08b4705a14694c87b318e18f30ef70a659d643f50dfe916047738fe",
     True: "6aa158011e384ab38e726f88c0aead55f4a2d84cc7dfece07391a9089ea134a8",
 }
+# With every mtime set to MTIME_NS: the same images plus their times blob.
+GOLDEN_WITH_TIMES = {
+    False: "95ca7bad5343357e98b338e41d149e5fdadc28c4c89b93a4cfa06927a77d44d7",
+    True: "b5809a336b142ca6275f2384619933d0634dbf0c79d45e113d1915b0a7857ade",
+}
+MTIME_NS = 1_700_000_000_123_456_789
 
 
 def make_tree(root: Path) -> None:
@@ -49,5 +57,15 @@ def test_golden_manifest_digest(tmp_path: Path, compress: bool) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to give the tree fixed owners")
     make_tree(tmp_path / "tree")
-    result = build(tmp_path / "tree", tmp_path / "oci", "golden", compress=compress)
+    result = build(tmp_path / "tree", tmp_path / "oci", "golden", compress=compress, mtimes=False)
     assert result.manifest_verity == GOLDEN[compress]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_golden_manifest_digest_with_times(tmp_path: Path, compress: bool) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the tree fixed owners")
+    make_tree(tmp_path / "tree")
+    set_mtimes(tmp_path / "tree", MTIME_NS)
+    result = build(tmp_path / "tree", tmp_path / "oci", "golden", compress=compress)
+    assert result.manifest_verity == GOLDEN_WITH_TIMES[compress]

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from treeutil import assert_same_tree, describe
+from treeutil import assert_same_tree, describe, set_mtimes
 
 from puzzlefs import build, extract, open_image
 from puzzlefs.compression import ZstdOptions
@@ -60,6 +60,7 @@ class E:
     link: str | bytes = ""
     dev: tuple[int, int] = (0, 0)
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    mtime: str = ""  # a pax mtime record ("seconds.fraction"); empty: mtime 0
 
 
 def wh(name: str) -> E:
@@ -104,6 +105,8 @@ def make_tar(entries: list[E]) -> bytes:
                 "SCHILY.xattr." + _s(k): v.decode("utf-8", "surrogateescape")
                 for k, v in e.xattrs.items()
             }
+            if e.mtime:
+                info.pax_headers["mtime"] = e.mtime
             if e.kind == "file":
                 info.size = len(e.data)
                 tar.addfile(info, io.BytesIO(e.data))
@@ -396,6 +399,7 @@ def everything(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     gzip_only = [(raw, "gzip" if how == "zstd" else how) for raw, how in layers]
     layout.tag("g", layout.manifest(gzip_only))
     apply_layers([raw for raw, _ in layers], tmp / "reference")
+    set_mtimes(tmp / "reference", 0)  # as unpacking gives it: every member's mtime is 0
     return tmp / "src", tmp / "reference"
 
 
@@ -724,3 +728,24 @@ def test_bad_source_refs(tmp_path: Path) -> None:
     proc = run("import", f"{tmp_path}/pfs:p", f"{tmp_path}/o:t")
     assert_clean_error(proc, "already a puzzlefs image")
     assert not (tmp_path / "o").exists()
+
+
+def test_member_times_are_kept_to_the_nanosecond(tmp_path: Path) -> None:
+    layer = make_tar(
+        [
+            E("d", "dir", mtime="1700000000.5"),
+            E("d/f", data=b"f", mtime="1234567890.123456789"),
+            E("d/old", data=b"o", mtime="-1.25"),
+            E("plain", data=b"p"),
+        ]
+    )
+    write_image(tmp_path / "src", "t", [(layer, "gzip")])
+    import_image(tmp_path / "src", "t", tmp_path / "oci", "t")
+    image = open_image(tmp_path / "oci", "t")
+    got = {p: image.attr(image.resolve_path(p)).mtime_ns for p in ("d", "d/f", "d/old", "plain")}
+    assert got == {
+        "d": 1_700_000_000_500_000_000,
+        "d/f": 1_234_567_890_123_456_789,
+        "d/old": -1_250_000_000,
+        "plain": 0,
+    }

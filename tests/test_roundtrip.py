@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from treeutil import MAX_CHUNK, assert_same_tree, describe
+from treeutil import MAX_CHUNK, assert_same_tree, describe, mtimes
 
 from puzzlefs import build, extract, open_image
 from puzzlefs.compression import (
@@ -32,6 +32,35 @@ def test_round_trip_all_types(all_types_tree: Path, tmp_path: Path, compress: bo
     stats = extract(image, out)
     assert stats.warnings == []
     assert_same_tree(all_types_tree, out)
+    assert mtimes(out) == mtimes(all_types_tree)
+
+
+def test_times_before_1970_and_with_nanoseconds(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "old").write_bytes(b"old")
+    os.symlink("old", src / "d" / "link")
+    os.utime(src / "d" / "old", ns=(0, -86_400_123_456_789))
+    os.utime(src / "d" / "link", ns=(0, 123_456_789), follow_symlinks=False)
+    os.utime(src / "d", ns=(0, 2_000_000_000_000_000_001))
+    build(src, tmp_path / "oci", "t")
+    image = open_image(tmp_path / "oci", "t")
+    assert image.attr(image.resolve_path("d/old")).mtime_ns == -86_400_123_456_789
+    extract(image, tmp_path / "out")
+    assert mtimes(tmp_path / "out") == mtimes(src)
+
+
+def test_no_mtimes_reads_as_the_epoch_and_extracts_as_now(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    os.utime(src / "f", ns=(0, 5_000_000_000))
+    result = build(src, tmp_path / "oci", "t", mtimes=False)
+    image = open_image(tmp_path / "oci", "t")
+    assert image.manifest.times is None and result.manifest is not None
+    assert image.attr(image.resolve_path("f")).mtime_ns == 0
+    extract(image, tmp_path / "out")
+    assert os.lstat(tmp_path / "out" / "f").st_mtime_ns != 5_000_000_000
 
 
 def test_hard_links_are_recreated(all_types_tree: Path, tmp_path: Path) -> None:

@@ -143,6 +143,24 @@ def describe(root: Path) -> dict[bytes, dict[str, object]]:
     return out
 
 
+def set_mtimes(root: Path, ns: int = 0) -> None:
+    """Give every path under ``root`` (and the root) one modification time."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for n in dirnames + filenames:
+            os.utime(os.path.join(dirpath, n), ns=(ns, ns), follow_symlinks=False)
+    os.utime(root, ns=(ns, ns))
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    """Every path's modification time (ns), the root's included."""
+    out = {".": os.lstat(root).st_mtime_ns}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            path = os.path.join(dirpath, n)
+            out[os.path.relpath(path, root)] = os.lstat(path).st_mtime_ns
+    return out
+
+
 def assert_same_tree(a: Path, b: Path) -> None:
     da, db = describe(a), describe(b)
     assert sorted(da) == sorted(db), set(da) ^ set(db)

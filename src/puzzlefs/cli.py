@@ -54,6 +54,16 @@ def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
         raise UsageError(str(e)) from None
 
 
+def _add_mtimes_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-mtimes",
+        action="store_true",
+        help="keep no modification times (they read as 0, as in the reference's images):"
+        " the image then does not depend on them; by default they are kept, in a layer"
+        " of their own that the reference ignores",
+    )
+
+
 def _add_compression_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--compression", action="store_true", help="store chunks zstd-compressed")
     p.add_argument(
@@ -98,6 +108,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         params=params,
         base_tag=args.base_layer,
         progress=Progress("building"),
+        mtimes=not args.no_mtimes,
     )
     print(f"puzzlefs image manifest digest: {result.manifest_verity}")
     return 0
@@ -282,6 +293,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         params=params,
         tmp_dir=args.tmpdir,
         progress=True,
+        mtimes=not args.no_mtimes,
     )
     print(f"puzzlefs image manifest digest: {result.manifest_verity}")
     return 0
@@ -300,6 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("image", metavar="OCI_DIR:TAG", help="where to store it, and its tag")
     b.add_argument("legacy_tag", nargs="?", metavar="TAG", help=argparse.SUPPRESS)
     _add_compression_options(b)
+    _add_mtimes_option(b)
     b.add_argument(
         "-b",
         "--base-layer",
@@ -434,6 +447,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("source", metavar="SRC_OCI_DIR:TAG", help="the image to import")
     i.add_argument("image", metavar="OCI_DIR:TAG", help="where to store it, and its tag")
     _add_compression_options(i)
+    _add_mtimes_option(i)
     i.add_argument(
         "--chunk-sizes",
         metavar="MIN:AVG:MAX",

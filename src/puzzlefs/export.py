@@ -1,9 +1,9 @@
 """An image -> a reproducible tar (POSIX pax format), for the tar-based world.
 
 Sorted depth-first by name bytes (as ``tar --sort=name``), names ``./path``, numeric
-owners only, mtime 0, xattrs as ``SCHILY.xattr.*`` pax records, hard links as links
-to the first path. Sockets cannot be represented in tar and are left out with a
-warning. The same image always gives the same bytes.
+owners only, the image's mtimes (0 without a times blob), xattrs as ``SCHILY.xattr.*``
+pax records, hard links as links to the first path. Sockets cannot be represented in
+tar and are left out with a warning. The same image always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
                 warnings.append(f"{name}: {inode.kind.value} cannot be stored in a tar; left out")
                 continue
             info = tarfile.TarInfo(name)
-            info.mtime = 0
+            sec, nsec = divmod(image.mtime_ns(inode), 1_000_000_000)
+            info.mtime = sec
             info.uid, info.gid = inode.uid, inode.gid
             info.uname = info.gname = ""
             info.mode = inode.permissions
@@ -109,6 +110,8 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
                 )
                 for key, value in inode.xattrs
             }
+            if nsec:  # the exact time, as GNU tar writes it in pax
+                info.pax_headers["mtime"] = f"{sec}.{nsec:09d}".rstrip("0")
             fileobj = None
             if inode.kind is Kind.FILE and inode.ino in first_path:
                 info.type = tarfile.LNKTYPE

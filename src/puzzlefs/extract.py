@@ -218,8 +218,7 @@ class _Extractor:
         if inode.kind is Kind.LNK:
             if self.owners:
                 os.chown(name, inode.uid, inode.gid, dir_fd=dirfd, follow_symlinks=False)
-            return
-        if fd is not None:
+        elif fd is not None:
             if self.owners:
                 os.fchown(fd, inode.uid, inode.gid)
             os.fchmod(fd, inode.permissions)
@@ -227,6 +226,12 @@ class _Extractor:
             if self.owners:
                 os.chown(name, inode.uid, inode.gid, dir_fd=dirfd, follow_symlinks=False)
             os.chmod(name, inode.permissions, dir_fd=dirfd)
+        if self.image.times is not None:  # last: nothing changes the entry after this
+            ns = self.image.mtime_ns(inode)
+            if fd is not None:
+                os.utime(fd, ns=(ns, ns))
+            else:
+                os.utime(name, ns=(ns, ns), dir_fd=dirfd, follow_symlinks=False)
 
     def _entry_path(self, dirfd: int, name: bytes, path: bytes) -> bytes:
         if _PROC_FD:

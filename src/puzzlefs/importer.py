@@ -117,6 +117,7 @@ class TarStat:
     st_gid: int = 0
     st_rdev: int = 0
     st_size: int = 0
+    st_mtime_ns: int = 0
 
 
 _IMPLIED_DIR = TarStat(stat.S_IFDIR | 0o755)
@@ -510,8 +511,9 @@ def _member(
         raise LayerError(f"{what}: owner {info.uid}:{info.gid} out of range")
     perms = info.mode & 0o7777
     xattrs = _xattrs(info.pax_headers, what)
+    mtime = _mtime_ns(info)
     if info.type in _FILE_TYPES:
-        st = TarStat(stat.S_IFREG | perms, info.uid, info.gid, 0, info.size)
+        st = TarStat(stat.S_IFREG | perms, info.uid, info.gid, 0, info.size, mtime)
         return _Member(comps, name, st, xattrs, region=Region(b"", 0, info.size))
     if info.type == tarfile.LNKTYPE:
         link = _components(_b(info.linkname), what, "hard link target")
@@ -535,8 +537,20 @@ def _member(
             raise LayerError(f"{what}: a symlink with an empty target")
         size = len(target)
         perms = 0o777  # what lstat shows for every symlink on Linux, whatever tar says
-    st = TarStat(bits | perms, info.uid, info.gid, rdev, size)
+    st = TarStat(bits | perms, info.uid, info.gid, rdev, size, mtime)
     return _Member(comps, name, st, xattrs, target=target)
+
+
+def _mtime_ns(info: tarfile.TarInfo) -> int:
+    """The member's mtime in ns: the pax record's exact decimal when there is one."""
+    text = info.pax_headers.get("mtime")
+    if text:
+        whole, _, frac = text.strip().partition(".")
+        if whole.lstrip("-").isdigit() and (not frac or frac.isdigit()):
+            sign = -1 if whole.startswith("-") else 1
+            ns = int(whole.lstrip("-")) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
+            return sign * ns
+    return int(info.mtime) * 1_000_000_000
 
 
 # -- applying layers ----------------------------------------------------------------
@@ -724,6 +738,7 @@ def import_image(
     workers: int | None = None,
     tmp_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    mtimes: bool = True,
 ) -> BuildResult:
     """Import ``src_dir:src_tag`` (an OCI image of tar layers) as ``oci_dir:tag``.
 
@@ -756,4 +771,5 @@ def import_image(
             params=params,
             workers=workers,
             progress=Progress("building", enabled=None if progress else False),
+            mtimes=mtimes,
         )

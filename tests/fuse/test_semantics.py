@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fusehelp import TAG, DataTree, MountFn, assert_clean, build, cli, force_clean, mount_entry
-from treeutil import assert_same_tree, describe
+from treeutil import assert_same_tree, describe, mtimes
 
 from puzzlefs.reader import open_image
 
@@ -40,11 +40,13 @@ def test_all_types_tree_equals_source(
         for dirpath, dirnames, _ in os.walk(m.path):
             subdirs = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
             assert os.lstat(dirpath).st_nlink == 2 + len(subdirs), dirpath
-        # sizes, blocks and the times the format does not store
+        # sizes, blocks; every inode's mtime (the times blob), shown as atime and ctime too
         st = os.lstat(m.path / "random-5M")
         assert st.st_size == 5 * 1024 * 1024
         assert st.st_blocks * 512 >= st.st_size
-        assert (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns) == (0, 0, 0)
+        source_mtime = os.lstat(all_types_tree / "random-5M").st_mtime_ns
+        assert (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns) == (source_mtime,) * 3
+        assert mtimes(m.path) == mtimes(all_types_tree)
         # special files keep their types
         assert stat.S_ISFIFO(os.lstat(m.path / "dev" / "fifo").st_mode)
         assert stat.S_ISSOCK(os.lstat(m.path / "dev" / "socket").st_mode)

@@ -38,6 +38,7 @@ from puzzlefs.format import (
     Rootfs,
     encode_rootfs,
 )
+from puzzlefs.format.times import encode_times
 from puzzlefs.oci import (
     ANNOTATION_VERITY_ROOT,
     EMPTY_CONFIG,
@@ -45,6 +46,7 @@ from puzzlefs.oci import (
     MEDIA_TYPE_CHUNK_ZSTD,
     MEDIA_TYPE_MANIFEST,
     MEDIA_TYPE_ROOTFS,
+    MEDIA_TYPE_TIMES,
     BlobStore,
     Descriptor,
     ImageLayout,
@@ -184,9 +186,14 @@ def build(
     base_tag: str | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    mtimes: bool = True,
 ) -> BuildResult:
     """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``, on top of ``base_tag`` if
     given (a delta layer, FORMAT.md §6).
+
+    ``mtimes``: keep every inode's modification time, in a times blob of the image
+    (:mod:`puzzlefs.format.times`); without, times read as 0, as the reference has
+    them, and the image does not depend on them.
 
     ``compress``: True stores chunks zstd-compressed as the reference does; a
     :class:`~puzzlefs.compression.ZstdOptions` chooses another frame size or level.
@@ -207,6 +214,7 @@ def build(
         base_tag=base_tag,
         workers=workers,
         progress=progress,
+        mtimes=mtimes,
     )
 
 
@@ -220,6 +228,7 @@ def build_tree(
     base_tag: str | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    mtimes: bool = True,
 ) -> BuildResult:
     """Build an already numbered tree (from :func:`walk`, or a tar import)."""
     zstd = _zstd_options(compress)
@@ -242,7 +251,9 @@ def build_tree(
                 base = None  # a flat image is smaller than a delta here
             if base is not None:
                 tree = renumber(tree, base)
-            return _build_in_store(tree, layout, tag, zstd, params, workers, progress, base)
+            return _build_in_store(
+                tree, layout, tag, zstd, params, workers, progress, base, mtimes
+            )
     except BaseException:
         if created:
             _remove_unused_layout(layout)
@@ -279,8 +290,10 @@ def _build_in_store(
     workers: int | None,
     progress: Progress | None,
     base: Image | None,
+    mtimes: bool,
 ) -> BuildResult:
     store = layout.blobs
+    times = encode_times((n.ino, n.st.st_mtime_ns) for n in tree.nodes) if mtimes else None
     inodes, chunks = build_rootfs(
         tree, store, zstd=zstd, params=params, workers=workers, progress=progress
     )
@@ -290,7 +303,7 @@ def _build_in_store(
     # flush them while the metadata is made, so that set_tag's sync has little left.
     with _flushing(store):
         manifest_digest, manifest_bytes, rootfs_desc, chunks = _write_metadata(
-            layout, inodes, chunks, zstd, params, store.put, base
+            layout, inodes, chunks, zstd, params, store.put, base, times
         )
     layout.set_tag(tag, manifest_digest, len(manifest_bytes))
     return BuildResult(
@@ -333,9 +346,10 @@ def _write_metadata(
     params: ChunkParams,
     put: Callable[[bytes], Digest],
     base: Image | None,
+    times: bytes | None,
 ) -> tuple[Digest, bytes, Descriptor, list[StoredChunk]]:
-    """Store the rootfs, config and manifest blobs; return the manifest's digest and
-    bytes, the rootfs descriptor and the chunks the image uses."""
+    """Store the rootfs, config, times and manifest blobs; return the manifest's digest
+    and bytes, the rootfs descriptor and the chunks the image uses."""
     store = layout.blobs
     chunk_type = MEDIA_TYPE_CHUNK_ZSTD if zstd else MEDIA_TYPE_CHUNK
     chunk_layers: dict[bytes, Descriptor] = {}
@@ -366,6 +380,8 @@ def _write_metadata(
         {ANNOTATION_VERITY_ROOT: fsverity_digest(rootfs_bytes).hex()},
     )
     descriptors = [rootfs_desc]
+    if times is not None:
+        descriptors.append(Descriptor(MEDIA_TYPE_TIMES, put(times), len(times)))
     seen: set[bytes] = set()
     for c in chunks:
         if c.digest not in seen:

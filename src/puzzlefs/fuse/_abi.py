@@ -123,8 +123,9 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")
 # struct fuse_out_header: len, error (negative errno), unique
 OUT_HEADER = struct.Struct("<IiQ")
 # struct fuse_attr: ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec,
-# ctimensec, mode, nlink, uid, gid, rdev, blksize, flags
-_ATTR = "QQQQQQIIIIIIIIII"
+# ctimensec, mode, nlink, uid, gid, rdev, blksize, flags (the times are u64 in the
+# header and signed to the kernel: packed signed, so times before 1970 pass)
+_ATTR = "QQQqqqIIIIIIIIII"
 ATTR_SIZE = struct.calcsize("<" + _ATTR)
 # struct fuse_entry_out: nodeid, generation, entry_valid, attr_valid, entry_valid_nsec,
 # attr_valid_nsec, attr

@@ -104,10 +104,10 @@ class ImageFS:
         return self.tables.attr(row)
 
     def _entry(self, row: int) -> bytes:
-        ino, size, mode, nlink, uid, gid, a, b, _, _ = self.tables.raw_attr(row)
+        ino, size, mode, nlink, uid, gid, a, b, _, _, t, tn, _ = self.tables.raw_attr(row)
         return _abi.ENTRY_OUT.pack(
             ino, 0, TIMEOUT, TIMEOUT, 0, 0,
-            ino, size, (size + 511) >> 9, 0, 0, 0, 0, 0, 0,
+            ino, size, (size + 511) >> 9, t, t, t, tn, tn, tn,
             mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
         )  # fmt: skip
 
@@ -129,10 +129,10 @@ class ImageFS:
         row = self.tables.row_of(req.nodeid)
         if row is None:
             raise FuseError(errno.ENOENT)
-        ino, size, mode, nlink, uid, gid, a, b, _, _ = self.tables.raw_attr(row)
+        ino, size, mode, nlink, uid, gid, a, b, _, _, t, tn, _ = self.tables.raw_attr(row)
         return _abi.ATTR_OUT.pack(
             TIMEOUT, 0, 0,
-            ino, size, (size + 511) >> 9, 0, 0, 0, 0, 0, 0,
+            ino, size, (size + 511) >> 9, t, t, t, tn, tn, tn,
             mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
         )  # fmt: skip
 

@@ -36,6 +36,7 @@ MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
 MEDIA_TYPE_ROOTFS = "application/vnd.puzzlefs.image.rootfs.v1"
 MEDIA_TYPE_CHUNK = "application/vnd.puzzlefs.image.filedata.v1"
 MEDIA_TYPE_CHUNK_ZSTD = "application/vnd.puzzlefs.image.filedata.v1+zstd"
+MEDIA_TYPE_TIMES = "application/vnd.puzzlefs.image.times.v1"  # ours: puzzlefs.format.times
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_VERITY_ROOT = "io.puzzlefsoci.puzzlefs.puzzlefs_verity_root_hash"
 OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
@@ -140,6 +141,14 @@ class Manifest:
         if len(found) != 1:
             raise ImageError(f"manifest has {len(found)} rootfs layers, expected exactly 1")
         return found[0]
+
+    @property
+    def times(self) -> Descriptor | None:
+        """The times layer (a puzzlefs extension: puzzlefs.format.times), if any."""
+        found = [d for d in self.layers if d.media_type == MEDIA_TYPE_TIMES]
+        if len(found) > 1:
+            raise ImageError(f"manifest has {len(found)} times layers, expected at most 1")
+        return found[0] if found else None
 
     @property
     def chunk_layers(self) -> list[Descriptor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError, MetadataError, PuzzleFSError
 from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
+from puzzlefs.format.times import Times, decode_times
 from puzzlefs.oci import ImageLayout, Manifest
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._data import ChunkReader
@@ -57,6 +58,7 @@ class InodeAttr:
     size: int
     rdev: int
     blocks: int  # 512-byte units
+    mtime_ns: int = 0  # 0 where the image keeps no times
 
 
 class Image:
@@ -81,6 +83,8 @@ class Image:
         self.manifest = self.opened.manifest
         self.rootfs_descriptor = self.opened.rootfs_descriptor
         self.rootfs = RootfsReader(self.opened.rootfs_bytes())
+        times = self.opened.times_bytes()
+        self.times: Times | None = decode_times(times) if times is not None else None
         self._verity: dict[bytes, bytes] = self.rootfs.verity()
         self._inodes: LRU[int, Inode | None] = LRU(INODE_CACHE_ENTRIES)
         self._dirs: LRU[int, dict[bytes, Ino]] = LRU(4096, lambda d: max(1, len(d) // 64))
@@ -251,9 +255,14 @@ class Image:
             size,
             _makedev(inode.major, inode.minor) if inode.kind in (Kind.CHR, Kind.BLK) else 0,
             (size + 511) // 512,
+            self.mtime_ns(inode),
         )
         self._attrs.put(inode.ino, attr)
         return attr
+
+    def mtime_ns(self, inode: Inode) -> int:
+        """The inode's modification time (ns since the epoch); 0 without a times blob."""
+        return self.times.mtime_ns(inode.ino) if self.times is not None else 0
 
     def usage(self) -> tuple[int, int]:
         """``(stored chunk bytes, visible inodes)``, for statfs (asked often)."""

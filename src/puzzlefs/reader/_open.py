@@ -13,6 +13,8 @@ from puzzlefs.verity import fsverity_digest, fsverity_digest_fd
 
 __all__ = ["OpenedImage"]
 
+MAX_TIMES_BLOB = 1 << 32  # 24 bytes an inode: far more inodes than any rootfs holds
+
 
 class OpenedImage:
     """A tag's manifest (verified), and its rootfs blob on demand (verified).
@@ -89,6 +91,19 @@ class OpenedImage:
         if not expected:
             raise ImageError("manifest has no fs-verity digest for the rootfs")
         return expected.lower()
+
+    def times_bytes(self) -> bytes | None:
+        """The times blob (checked against its descriptor), or None if the image has
+        none (its times are then 0)."""
+        desc = self.manifest.times
+        if desc is None:
+            return None
+        if desc.size > MAX_TIMES_BLOB:
+            raise ImageError(f"times blob {desc.digest.hex} is implausibly large")
+        data = self.layout.blobs.get(desc.digest)
+        if len(data) != desc.size:
+            raise ImageError(f"times blob size {len(data)} does not match manifest ({desc.size})")
+        return data
 
     def stored_chunk_bytes(self) -> int:
         """What the image's chunk blobs take in the store (for statfs)."""

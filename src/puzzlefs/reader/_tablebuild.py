@@ -57,8 +57,12 @@ INODE_DTYPE = np.dtype(
         ("b", "<u4"),
         ("xa", "<u4"),
         ("xn", "<u4"),
+        ("mtime", "<i8"),
+        ("mtime_nsec", "<u4"),
+        ("pad", "<u4"),
     ]
 )
+TIME_DTYPE = np.dtype([("ino", "<u8"), ("sec", "<i8"), ("nsec", "<u4"), ("pad", "<u4")])
 ENTRY_DTYPE = np.dtype([("row", "<u4"), ("off", "<u4"), ("len", "<u4"), ("pad", "<u4")])
 CHUNK_DTYPE = np.dtype([("file", "<u8"), ("blob_off", "<u8"), ("blob", "<u4"), ("comp", "<u4")])
 XATTR_DTYPE = np.dtype([("koff", "<u4"), ("klen", "<u4"), ("voff", "<u4"), ("vlen", "<u4")])
@@ -130,7 +134,7 @@ def _names_key(msg: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.
     return out.view(f"S{max(width, 1)}").ravel()
 
 
-def build(decoded: DecodedRootfs, rootfs_sha256: bytes) -> Built:
+def build(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> Built:
     msg = np.frombuffer(decoded.data, dtype=np.uint8)
     code = {name: c for c, name in decoded.kinds.items()}
     problems = _Problems()
@@ -385,6 +389,8 @@ def build(decoded: DecodedRootfs, rootfs_sha256: bytes) -> Built:
     a[k_dev], b[k_dev] = major[rows][k_dev], minor[rows][k_dev]
     inodes["a"], inodes["b"] = a, b
     inodes["xa"], inodes["xn"] = first_xattr, xattr_count
+    if times is not None:
+        _set_times(inodes, times)
 
     entries = np.zeros(ne, dtype=ENTRY_DTYPE)
     entries["row"] = ent_child_row
@@ -402,12 +408,31 @@ def build(decoded: DecodedRootfs, rootfs_sha256: bytes) -> Built:
     assert blobs.dtype.itemsize == BLOB.size
 
     notes = "\n".join(problems.lines).encode()
-    data = _assemble(rootfs_sha256, inodes, entries, chunks, blobs, xattrs, strings, notes)
+    data = _assemble(source, inodes, entries, chunks, blobs, xattrs, strings, notes)
     return Built(data, problems.lines)
 
 
+def _set_times(inodes: np.ndarray, blob: bytes) -> None:
+    """Each inode's mtime from the image's times blob (puzzlefs.format.times)."""
+    from puzzlefs.format.times import Times
+
+    t = Times(blob)  # checks the header and the size
+    records = np.frombuffer(blob, dtype=TIME_DTYPE, offset=t.body_offset, count=t.count)
+    ino = records["ino"]
+    if len(ino) > 1 and not (ino[1:] > ino[:-1]).all():
+        raise MetadataError("times blob: records out of order")
+    if (records["nsec"] >= 1_000_000_000).any():
+        raise MetadataError("times blob: nanoseconds out of range")
+    if not len(ino):
+        return
+    at = np.minimum(np.searchsorted(ino, inodes["ino"]), len(ino) - 1)
+    hit = ino[at] == inodes["ino"]
+    inodes["mtime"][hit] = records["sec"][at[hit]]
+    inodes["mtime_nsec"][hit] = records["nsec"][at[hit]]
+
+
 def _assemble(
-    rootfs_sha256: bytes,
+    source: bytes,
     inodes: np.ndarray,
     entries: np.ndarray,
     chunks: np.ndarray,
@@ -451,7 +476,7 @@ def _assemble(
         strings_at,
         len(notes),
         end,
-        rootfs_sha256,
+        source,
         hashlib.sha256(body).digest(),
     )
     return header + bytes(body)

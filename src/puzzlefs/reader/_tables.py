@@ -7,11 +7,13 @@ a few ``struct`` unpacks, not Python objects per inode.
 
 The file, little-endian, every section 8-byte aligned:
 
-    header        magic, version, counts, section offsets, the rootfs's sha256,
+    header        magic, version, counts, section offsets, the digest of what it was
+                  made from (the rootfs's sha256, with times that of both blobs),
                   the sha256 of everything after the header
-    inodes        sorted by inode number, one 48-byte record each:
+    inodes        sorted by inode number, one 64-byte record each:
                   ino u64, size u64, mode u32, nlink u32, uid u32, gid u32,
-                  a u32, b u32, first xattr u32, xattr count u32
+                  a u32, b u32, first xattr u32, xattr count u32,
+                  mtime seconds i64, nanoseconds u32, 0 u32
                   a, b: directories -> first entry, entry count;
                   files -> first chunk, chunk count; symlinks -> target
                   offset, length in strings; devices -> major, minor
@@ -52,9 +54,9 @@ if TYPE_CHECKING:
 __all__ = ["Attr", "Tables", "build_tables"]
 
 MAGIC = b"PZFSIDX\0"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sII" + "Q" * 14 + "32s32s")
-INODE = struct.Struct("<QQIIIIIIII")
+INODE = struct.Struct("<QQIIIIIIIIqII")
 ENTRY = struct.Struct("<IIII")
 CHUNK = struct.Struct("<QQII")
 BLOB = struct.Struct("<32s32s")
@@ -93,6 +95,9 @@ class Attr:
     b: int
     xattr_first: int
     xattr_count: int
+    mtime: int  # seconds
+    mtime_nsec: int
+    _pad: int = 0
 
     @property
     def kind(self) -> int:
@@ -132,7 +137,7 @@ class Tables:
             notes_size,
             self._end,
         ) = head[3:17]
-        self.rootfs_sha256: bytes = head[17]
+        self.source: bytes = head[17]  # what it was made from (reader.index.source_key)
         body_sha256: bytes = head[18]
         if (
             self._end != len(buf)
@@ -192,8 +197,8 @@ class Tables:
         return Attr(row, *INODE.unpack_from(self._buf, self._inodes_at + row * INODE.size))
 
     def raw_attr(self, row: int) -> tuple[int, ...]:
-        """The record's fields as a tuple (ino, size, mode, nlink, uid, gid, a, b, xa, xn):
-        for the hot paths that pack them straight into replies."""
+        """The record's fields as a tuple (ino, size, mode, nlink, uid, gid, a, b, xa, xn,
+        mtime, mtime_nsec, 0): for the hot paths that pack them into replies."""
         return INODE.unpack_from(self._buf, self._inodes_at + row * INODE.size)
 
     # -- directories ---------------------------------------------------------------
@@ -271,11 +276,12 @@ class Built:
     problems: list[str] = field(default_factory=list)
 
 
-def build_tables(decoded: DecodedRootfs, rootfs_sha256: bytes) -> Built:
-    """Merge the layers of a decoded rootfs into the index file's bytes."""
+def build_tables(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> Built:
+    """Merge the layers of a decoded rootfs (and the image's times blob, if any) into
+    the index file's bytes."""
     from puzzlefs.reader import _tablebuild
 
-    return _tablebuild.build(decoded, rootfs_sha256)
+    return _tablebuild.build(decoded, source, times)
 
 
 def open_tables(path: str) -> Tables:

@@ -5,7 +5,8 @@ The first mount of an image builds the index from the rootfs; later mounts of an
 image with the same rootfs map it in milliseconds. A file is used only if it is ours,
 private, of this format version, made from exactly this rootfs (its header names the
 rootfs's sha256, which the manifest vouches for, and with ``--digest`` the fs-verity
-chain), and its own checksum holds; anything else is rebuilt, never served. The rootfs
+chain), and its own checksum holds; anything else is rebuilt, never served (with a times blob, the
+name and header are of both blobs' digests). The rootfs
 stays the authority: the index is derived from it, and rebuilt from it whenever in
 doubt. The cache is bounded (least recently used indexes go first).
 
@@ -17,6 +18,7 @@ the one mount.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -42,8 +44,18 @@ def index_dir() -> Path:
     return Path(cache) / "puzzlefs" / "index"
 
 
-def _path(directory: Path, rootfs_hex: str) -> Path:
-    return directory / f"{rootfs_hex}.v{VERSION}"
+def _path(directory: Path, key_hex: str) -> Path:
+    return directory / f"{key_hex}.v{VERSION}"
+
+
+def source_key(image: OpenedImage) -> bytes:
+    """What an index is made from, as one digest: the rootfs's sha256, or with a
+    times blob, the sha256 of both sha256s."""
+    rootfs = image.rootfs_descriptor.digest.raw
+    times = image.manifest.times
+    if times is None:
+        return rootfs
+    return hashlib.sha256(rootfs + times.digest.raw).digest()
 
 
 def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
@@ -54,13 +66,14 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
     intact. With an index at hand, that check and the index's own run side by side.
     """
     where = directory or index_dir()
-    digest = image.rootfs_descriptor.digest
-    path = _path(where, digest.hex)
+    key = source_key(image)
+    path = _path(where, key.hex())
     checked: list[BaseException | None] = []
 
     def check() -> None:
         try:
             image.check_rootfs()
+            image.times_bytes()
             checked.append(None)
         except BaseException as e:
             checked.append(e)
@@ -79,7 +92,7 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
                 tables.close()
             raise checked[0]
         if tables is not None:
-            if tables.rootfs_sha256 == digest.raw:
+            if tables.source == key:
                 with contextlib.suppress(OSError):
                     os.utime(path)  # recently used
                 return tables
@@ -89,7 +102,8 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
     from puzzlefs.format._bulk import decode_rootfs
 
     data = image.rootfs_bytes()
-    built = build_tables(decode_rootfs(data, expected_version=MANIFEST_VERSION), digest.raw)
+    decoded = decode_rootfs(data, expected_version=MANIFEST_VERSION)
+    built = build_tables(decoded, key, image.times_bytes())
     for line in built.problems:
         log.warning("%s:%s: %s", image.layout.path, image.tag, line)
     try:

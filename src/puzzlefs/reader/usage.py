@@ -37,7 +37,7 @@ class TagUsage:
     logical: int = 0  # file bytes, each hard-linked inode once
     tar: int = 0
     stored: int = 0  # bytes of every blob the tag needs
-    metadata: int = 0  # manifest + config + rootfs
+    metadata: int = 0  # manifest + config + rootfs + times
     chunks: int = 0
     shared: int = 0  # stored bytes also needed by another listed tag
     blobs: dict[Digest, int] = field(default_factory=dict, repr=False)

@@ -77,6 +77,13 @@ def image_blobs(
         problems.append(Problem(rootfs_desc.digest.hex, "rootfs", "no fs-verity annotation"))
     blobs.append(_Blob(rootfs_desc.digest, "rootfs", rootfs_desc.size, rootfs_verity))
     try:
+        times = manifest.times
+    except PuzzleFSError as e:
+        problems.append(Problem(desc.digest.hex, "manifest", str(e)))
+        times = None
+    if times is not None:  # covered by the manifest's digest (and so by the chain)
+        blobs.append(_Blob(times.digest, "times", times.size, None))
+    try:
         reader = RootfsReader(layout.blobs.get(rootfs_desc.digest))
         verity = reader.verity()
         used: set[bytes] = set(verity)
