@@ -26,6 +26,7 @@ from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
 from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._readahead import Readahead
+from puzzlefs.reference_compat import is_zstd_image, raw_chunk_verity_ok
 from puzzlefs.verity import fsverity_digest, measure_verity
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ class Image:
         if cached is not None:
             return cached
         self._readahead.loading(raw_digest)
-        data = self._fetch(raw_digest)
+        data = self._fetch(raw_digest, compressed)
         value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
         self._blobs.put(raw_digest, value)
         return value
@@ -358,7 +359,7 @@ class Image:
         a long-lived reader such as a mount; it starts a small helper process)."""
         self._readahead.enable()
 
-    def _fetch(self, raw_digest: bytes) -> bytes:
+    def _fetch(self, raw_digest: bytes, compressed: bool = True) -> bytes:
         """A chunk blob's stored bytes, checked against its fs-verity digest the first
         time (with ``verity_digest``), against its sha256 otherwise.
 
@@ -372,20 +373,25 @@ class Image:
         except BlobNotFound:
             raise BlobNotFound(f"chunk blob {digest.hex} is missing") from None
         if self._verify_verity and raw_digest not in self._verified:
-            self._check_verity(raw_digest, data)
+            self._check_verity(raw_digest, data, compressed)
             return data
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest.hex:
             raise ImageError(f"chunk blob {digest.hex} is corrupt (its sha256 is {actual})")
         return data
 
-    def _check_verity(self, raw_digest: bytes, data: bytes) -> None:
+    def _check_verity(self, raw_digest: bytes, data: bytes, compressed: bool = True) -> None:
         expected = self._verity.get(raw_digest)
         hexd = raw_digest.hex()
         if expected is None:
             raise VerityMismatch(f"chunk blob {hexd}", "an fsVerityData entry", "none")
         actual = self._measured(raw_digest) or fsverity_digest(data)
-        if actual != expected:
+        if actual != expected and not raw_chunk_verity_ok(
+            expected,
+            data,
+            referenced_raw=not compressed,
+            zstd_image=is_zstd_image(self.manifest.chunk_layers),
+        ):
             raise VerityMismatch(f"chunk blob {hexd}", expected.hex(), actual.hex())
         with self._lock:
             self._verified.add(raw_digest)
