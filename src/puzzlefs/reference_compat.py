@@ -44,9 +44,14 @@ def raw_chunk_verity_ok(
     Only for a blob the rootfs references with ``compressed=false`` in an image whose
     chunk layers are ``+zstd``, and only when the record is the fs-verity digest of
     what the reference compressed from exactly these bytes (in the 0.2.0 crate's form
-    or the later one, which ours reproduce byte for byte) and that attempt was not
-    smaller than the bytes, which is why they were stored raw. Compression is
-    injective, so the record still names these bytes and no others.
+    or the later one) and that attempt was not smaller than the bytes, which is why
+    they were stored raw. Compression is injective, so the record still names these
+    bytes and no others.
+
+    The attempt is recomputed with our libzstd. Data that does not compress gets raw
+    zstd blocks, the same in every version; should a version difference change one
+    of its frames, the record is not reproduced and the blob is refused: a false
+    refusal, never a false acceptance.
     """
     if not (referenced_raw and zstd_image):
         return False

@@ -135,12 +135,14 @@ def compress_seekable_checksummed(
     data: bytes | memoryview, options: ZstdOptions = REFERENCE_ZSTD
 ) -> bytes:
     """``data`` in the seekable format as the 0.2.0 reference crate writes it (its
-    zstd-seekable 0.1.23 C writer): the same frames as :func:`compress_seekable`, then,
-    when ``data`` ends on a frame boundary, one empty frame, and a seek table of 12-byte
+    zstd-seekable 0.1.23 C writer): the frames of :func:`compress_seekable`, then, when
+    ``data`` ends on a frame boundary, one empty frame, and a seek table of 12-byte
     entries (sizes and the checksum of each frame's content) with descriptor 0x80.
 
-    We never store this form; readers need it to recompute what that reference
-    compressed (see :mod:`puzzlefs.reference_compat`)."""
+    That writer compresses with the libzstd it bundles (1.5.4): its frames are ours
+    wherever that version and ours compress a frame alike, always for the raw blocks
+    zstd writes for incompressible data. We never store this form; readers recompute
+    it to check that reference's records (see :mod:`puzzlefs.reference_compat`)."""
     mv = memoryview(data)
     current = compress_seekable(mv, options)
     sizes = _parse_seek_table(memoryview(current))
