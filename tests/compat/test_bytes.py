@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from refutil import Built, reference_build
 
-from puzzlefs import build
+from puzzlefs import build, open_image
 from puzzlefs.compression import SeekableBlob, compress_seekable, compress_seekable_checksummed
 from puzzlefs.digest import Digest
 from puzzlefs.format import Inode, Kind, Rootfs, RootfsReader
@@ -233,3 +233,17 @@ def test_manifests_differ_as_listed(
             # The 0.2.0 reference gives a compressed chunk its uncompressed size.
             expected = SeekableBlob(stored).size if compressed[digest.raw] else len(stored)
             assert d["size"] == expected
+
+
+def test_delta_layers_differ_in_layout(
+    reference_images: dict[str, Built], our_images: dict[str, Built]
+) -> None:
+    """The reference re-renders every inode in a delta layer (and a whiteout for each
+    deleted one); ours holds only what changed. The base layer is the same."""
+    theirs, ours = _rootfs(reference_images["delta"]), _rootfs(our_images["delta"])
+    assert len(theirs.layers) == len(ours.layers) == 2
+    assert _sorted_xattrs([theirs.layers[1]]) == [ours.layers[1]]
+    inodes = len({i.ino for _, i in open_image(our_images["delta"].oci, "v2").walk()})
+    assert len(theirs.layers[0]) > inodes > len(ours.layers[0])
+    assert sum(i.kind is Kind.WHT for i in theirs.layers[0]) > 0
+    assert sum(i.kind is Kind.WHT for i in ours.layers[0]) > 0

@@ -9,11 +9,13 @@ read its deltas that delete files; ours do."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 from fusehelp import cli, force_clean, mount_entry
-from refutil import Built
+from refutil import Built, Jail, reference_mount
 from treeutil import assert_same_tree
 
 from puzzlefs import open_image
@@ -68,3 +70,18 @@ def test_our_mount_gives_the_source_exactly(
         assert mount_entry(mnt) is None
     finally:
         force_clean(mnt)
+
+
+def test_the_reference_cannot_read_its_own_delta_that_deletes(
+    reference: Path, jail: Jail, reference_images: dict[str, Built], tmp_path: Path
+) -> None:
+    """Why only our readers read the reference's deltas: it lists each deleted name,
+    with a whiteout inode, in its directory, and then its extract fails and its mount
+    lists such a directory as empty (v2 deletes dup-b and dev/fifo)."""
+    img = reference_images["delta"]
+    shutil.copytree(img.oci, jail.path("/own-delta"))
+    done = jail.extract(f"/own-delta:{img.tag}", "/own-delta-out")
+    assert done.returncode != 0
+    with reference_mount(reference, img.image, tmp_path / "mnt") as mnt:
+        assert os.listdir(mnt / "dev") == []
+        assert sorted(os.listdir(img.source / "dev")) == ["big-dev", "loop0", "null"]
