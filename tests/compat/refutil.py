@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuse"))
 from fusehelp import mount_entry, wait_until  # noqa: E402
 from treeutil import describe  # noqa: E402
 
+from puzzlefs import build, open_image  # noqa: E402
+from puzzlefs.compression import ZstdOptions  # noqa: E402
+
 TIMEOUT = 120
 
 # The reference's bugs a comparison may tolerate, by name.
@@ -205,3 +208,35 @@ def assert_same_tree_but(src: Path, out: Path, *bugs: str) -> None:
                 info.pop("rdev", None)
     for path in a:
         assert a[path] == b[path], (path, a[path], b[path])
+
+
+def build_ours(
+    trees: dict[str, Path], into: Path, reference: Path, v1: Path, v2: Path
+) -> dict[str, Built]:
+    """Our builds: each tree plain and ``-c`` (the all-types tree also with 64K frames
+    at level 19, which every reader must read too); ``-b`` chains plain and ``-c`` on
+    our own base, and on a base the reference built."""
+    built: dict[str, Built] = {}
+    for name, tree in trees.items():
+        variants: list[tuple[str, bool | ZstdOptions]] = [("", False), ("-c", True)]
+        if name == "all-types":
+            variants.append(("-c-64k-19", ZstdOptions(frame_size=65536, level=19)))
+        for suffix, compress in variants:
+            oci = into / (name + suffix)
+            result = build(tree, oci, "t", compress=compress)
+            built[name + suffix] = Built(oci, "t", tree, result.manifest_verity)
+    for name, compress, reference_base in [
+        ("delta", False, False),
+        ("delta-c", True, False),
+        ("delta-on-reference-base", False, True),
+    ]:
+        oci = into / name
+        if reference_base:
+            reference_build(reference, v1, oci, "v1")
+        else:
+            build(v1, oci, "v1", compress=compress)
+        result = build(v2, oci, "v2", compress=compress, base_tag="v1")
+        # A real layer on the base, not the flat image a build on a base may choose.
+        assert open_image(oci, "v2").rootfs.layer_count == 2
+        built[name] = Built(oci, "v2", v2, result.manifest_verity)
+    return built

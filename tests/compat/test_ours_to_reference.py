@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import build_ours
 from refutil import (
     CHOWN_THROUGH_SYMLINKS,
     MOUNT_NLINK_0,
@@ -21,6 +20,7 @@ from refutil import (
     Built,
     Jail,
     assert_same_tree_but,
+    build_ours,
     reference_mount,
 )
 
