@@ -233,6 +233,9 @@ def test_manifests_differ_as_listed(
             # The 0.2.0 reference gives a compressed chunk its uncompressed size.
             expected = SeekableBlob(stored).size if compressed[digest.raw] else len(stored)
             assert d["size"] == expected
+        ours_layout = ImageLayout(ours_img.oci)
+        for d in chunks_ours:  # ours: the stored size, as OCI means it
+            assert d["size"] == len(ours_layout.blobs.get(Digest.parse(d["digest"])))
 
 
 def test_delta_layers_differ_in_layout(
