@@ -14,7 +14,7 @@ from treeutil import describe
 
 from puzzlefs import build, extract, open_image
 from puzzlefs.chunking import ChunkParams, chunk_stream
-from puzzlefs.compression import SeekableBlob, compress_chunk
+from puzzlefs.compression import SeekableBlob, compress_chunk, compress_seekable_checksummed
 from puzzlefs.digest import Digest
 from puzzlefs.oci import DiskBlobStore, ImageLayout, MemoryBlobStore
 
@@ -59,6 +59,29 @@ def test_compressed_blob_is_byte_identical(vectors: Path) -> None:
     assert len(stored) == expected["size"]
     assert hashlib.sha256(stored).hexdigest() == expected["sha256"]
     assert stored == (vectors / expected["file"]).read_bytes()
+
+
+def test_checksummed_form_is_the_old_reference_blob(vectors: Path) -> None:
+    """The 0.2.0 crate's writer (12-byte seek-table entries with checksums), byte for
+    byte: what readers recompute to accept that reference's records of raw chunks."""
+    blobs = json.loads((vectors / "blobs.json").read_text())
+    data = (vectors / "SekienAkashita.jpg").read_bytes()
+    expected = blobs["compressed"]["seekable-legacy-checksummed"]
+    assert compress_seekable_checksummed(data) == (vectors / expected["file"]).read_bytes()
+
+
+@pytest.mark.parametrize("size", [4096, 8192, 262144])
+def test_checksummed_form_ends_a_frame_aligned_chunk_with_an_empty_frame(size: int) -> None:
+    # As the 0.2.0 reference does (tests/compat checks it against the reference itself).
+    data = bytes(range(256)) * (size // 256)
+    blob = compress_seekable_checksummed(data)
+    nframes = int.from_bytes(blob[-9:-5], "little")
+    assert nframes == size // 4096 + 1
+    assert blob[-5] == 0x80
+    last = blob[-9 - 12 : -9]
+    assert last[4:8] == bytes(4)  # the empty frame decompresses to nothing
+    assert last[8:12] == (0x51D8E999).to_bytes(4, "little")  # low 32 bits of XXH64(b"")
+    assert SeekableBlob(blob).read_all() == data
 
 
 @pytest.mark.parametrize("variant", ["seekable", "seekable-legacy-checksummed"])

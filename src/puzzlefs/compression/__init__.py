@@ -17,6 +17,7 @@ from puzzlefs.compression._seekable import (
     ZstdOptions,
     compress_chunk,
     compress_seekable,
+    compress_seekable_checksummed,
     decompress_all,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "ZstdOptions",
     "compress_chunk",
     "compress_seekable",
+    "compress_seekable_checksummed",
     "decompress_all",
 ]

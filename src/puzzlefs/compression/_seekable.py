@@ -113,6 +113,57 @@ def compress_seekable(data: bytes | memoryview, options: ZstdOptions = REFERENCE
     return out.getvalue()
 
 
+# What the 0.2.0 reference writes at the end of a stream that ends on a frame boundary:
+# one more frame, empty, whose header (single segment) states its content size, 0.
+_EMPTY_FRAME = bytes.fromhex("28b52ffd2000010000")
+
+
+def _checksum32(piece: bytes | memoryview) -> int:
+    """The low 32 bits of XXH64(piece, seed 0), the checksum of a legacy seek-table
+    entry. zstd ends a frame written with a checksum with exactly those 32 bits (little
+    endian), so libzstd computes it for us (a compression at level 1 of one frame)."""
+    c: zstandard.ZstdCompressor | None = getattr(_local, "checksummer", None)
+    if c is None:
+        c = _local.checksummer = zstandard.ZstdCompressor(
+            level=1, write_checksum=True, write_content_size=False
+        )
+    value: int = struct.unpack("<I", c.compress(piece)[-4:])[0]
+    return value
+
+
+def compress_seekable_checksummed(
+    data: bytes | memoryview, options: ZstdOptions = REFERENCE_ZSTD
+) -> bytes:
+    """``data`` in the seekable format as the 0.2.0 reference crate writes it (its
+    zstd-seekable 0.1.23 C writer): the frames of :func:`compress_seekable`, then, when
+    ``data`` ends on a frame boundary, one empty frame, and a seek table of 12-byte
+    entries (sizes and the checksum of each frame's content) with descriptor 0x80.
+
+    That writer compresses with the libzstd it bundles (1.5.4): its frames are ours
+    wherever that version and ours compress a frame alike, always for the raw blocks
+    zstd writes for incompressible data. We never store this form; readers recompute
+    it to check that reference's records (see :mod:`puzzlefs.reference_compat`)."""
+    mv = memoryview(data)
+    current = compress_seekable(mv, options)
+    sizes = _parse_seek_table(memoryview(current))
+    frames_end = sum(c for c, _ in sizes)
+    entries: list[int] = []
+    start = 0
+    for compressed_size, size in sizes:
+        entries += (compressed_size, size, _checksum32(mv[start : start + size]))
+        start += size
+    out = io.BytesIO()
+    out.write(memoryview(current)[:frames_end])
+    if len(mv) % options.frame_size == 0:
+        out.write(_EMPTY_FRAME)
+        entries += (len(_EMPTY_FRAME), 0, _checksum32(b""))
+    nframes = len(entries) // 3
+    out.write(_SKIP_HEADER.pack(SKIPPABLE_MAGIC, nframes * 12 + _FOOTER.size))
+    out.write(struct.pack(f"<{len(entries)}I", *entries))
+    out.write(_FOOTER.pack(nframes, _CHECKSUM_FLAG, SEEKABLE_MAGIC))
+    return out.getvalue()
+
+
 def compress_chunk(
     data: bytes | memoryview, options: ZstdOptions = REFERENCE_ZSTD
 ) -> tuple[bytes, bool]:

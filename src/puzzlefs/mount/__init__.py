@@ -118,6 +118,7 @@ def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: 
     from puzzlefs.reader._data import ChunkReader
     from puzzlefs.reader._open import OpenedImage
     from puzzlefs.reader.index import load_tables
+    from puzzlefs.reference_compat import is_zstd_image
 
     image = OpenedImage(ImageLayout(oci_dir), tag, verity_digest=verity_digest)
     if image.verify_verity:
@@ -129,7 +130,11 @@ def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: 
 
     def make(on_live: Callable[[Connection], None]) -> ImageFS:
         data = ChunkReader(
-            image.layout, verity.get, verify_verity=image.verify_verity, stream=image.chunk_stream
+            image.layout,
+            verity.get,
+            verify_verity=image.verify_verity,
+            stream=image.chunk_stream,
+            zstd_image=is_zstd_image(image.manifest.chunk_layers),
         )
 
         def live(conn: Connection) -> None:

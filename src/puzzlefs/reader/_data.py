@@ -20,6 +20,7 @@ from puzzlefs.errors import BlobNotFound, ImageError, MetadataError, VerityMisma
 from puzzlefs.oci import ImageLayout
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._readahead import Readahead
+from puzzlefs.reference_compat import raw_chunk_verity_ok
 from puzzlefs.verity import fsverity_digest, measure_verity
 
 __all__ = ["ChunkReader"]
@@ -35,7 +36,9 @@ class ChunkReader:
 
     ``verity_of(raw sha256)`` gives a chunk's fs-verity digest from the rootfs, and
     ``verify_verity`` says whether to check it (the image was opened with a digest).
-    ``stream``: the chunks in the manifest's order, for readahead.
+    ``stream``: the chunks in the manifest's order, for readahead. ``zstd_image``: the
+    image was built compressed (its chunk layers say ``+zstd``), for the reference's
+    records of chunks it stored raw (:mod:`puzzlefs.reference_compat`).
     """
 
     def __init__(
@@ -45,10 +48,12 @@ class ChunkReader:
         *,
         verify_verity: bool,
         stream: Iterable[bytes] = (),
+        zstd_image: bool = False,
     ) -> None:
         self.layout = layout
         self._verity_of = verity_of
         self._verify_verity = verify_verity
+        self._zstd_image = zstd_image  # the manifest's chunk layers say +zstd
         self._verified: set[bytes] = set()
         self._blobs: LRU[bytes, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
         self._frames: LRU[tuple[bytes, int], bytes] = LRU(FRAME_CACHE_BYTES, len)
@@ -75,7 +80,7 @@ class ChunkReader:
         if cached is not None:
             return cached
         self._readahead.loading(raw_digest)
-        data = self._fetch(raw_digest)
+        data = self._fetch(raw_digest, compressed)
         value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
         self._blobs.put(raw_digest, value)
         return value
@@ -89,7 +94,7 @@ class ChunkReader:
         path = self.layout.blobs.path(Digest.from_raw(raw_digest))
         return None if path is None else str(path)
 
-    def _fetch(self, raw_digest: bytes) -> bytes:
+    def _fetch(self, raw_digest: bytes, compressed: bool) -> bytes:
         """A chunk blob's stored bytes, checked against its fs-verity digest the first
         time (with ``verify_verity``), against its sha256 otherwise.
 
@@ -103,20 +108,22 @@ class ChunkReader:
         except BlobNotFound:
             raise BlobNotFound(f"chunk blob {digest.hex} is missing") from None
         if self._verify_verity and raw_digest not in self._verified:
-            self._check_verity(raw_digest, data)
+            self._check_verity(raw_digest, data, compressed)
             return data
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest.hex:
             raise ImageError(f"chunk blob {digest.hex} is corrupt (its sha256 is {actual})")
         return data
 
-    def _check_verity(self, raw_digest: bytes, data: bytes) -> None:
+    def _check_verity(self, raw_digest: bytes, data: bytes, compressed: bool) -> None:
         expected = self._verity_of(raw_digest)
         hexd = raw_digest.hex()
         if expected is None:
             raise VerityMismatch(f"chunk blob {hexd}", "an fsVerityData entry", "none")
         actual = self._measured(raw_digest) or fsverity_digest(data)
-        if actual != expected:
+        if actual != expected and not raw_chunk_verity_ok(
+            expected, data, referenced_raw=not compressed, zstd_image=self._zstd_image
+        ):
             raise VerityMismatch(f"chunk blob {hexd}", expected.hex(), actual.hex())
         with self._lock:
             self._verified.add(raw_digest)

@@ -21,6 +21,7 @@ from puzzlefs.oci import ImageLayout, Manifest
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._data import ChunkReader
 from puzzlefs.reader._open import OpenedImage
+from puzzlefs.reference_compat import is_zstd_image
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class Image:
             self._verity.get,
             verify_verity=self.opened.verify_verity,
             stream=self.opened.chunk_stream,
+            zstd_image=is_zstd_image(self.manifest.chunk_layers),
         )
         self._walk_lock = threading.Lock()
 

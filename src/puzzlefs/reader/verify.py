@@ -17,6 +17,7 @@ from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError, PuzzleFSError, VerityMismatch
 from puzzlefs.format import Kind, RootfsReader
 from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
+from puzzlefs.reference_compat import compressed_chunk_size_ok, is_zstd_image, raw_chunk_verity_ok
 from puzzlefs.verity import enable_verity, fsverity_digest_fd, measure_verity
 
 __all__ = ["Problem", "Report", "enable_fs_verity", "image_blobs", "verify"]
@@ -56,6 +57,10 @@ class _Blob:
     role: str
     size: int | None  # known from a descriptor
     verity: str | None  # expected fs-verity hex, where the chain gives one
+    # For a chunk: whether the rootfs references it compressed, and the image is -c
+    # (puzzlefs.reference_compat accepts some of the reference's records by these).
+    compressed: bool | None = None
+    zstd_image: bool = False
 
 
 def image_blobs(
@@ -87,10 +92,12 @@ def image_blobs(
         reader = RootfsReader(layout.blobs.get(rootfs_desc.digest))
         verity = reader.verity()
         used: set[bytes] = set(verity)
+        compressed: dict[bytes, bool] = {}
         for layer in range(reader.layer_count):
             for inode in reader.layer(layer):
                 if inode.kind is Kind.FILE:
                     used.update(c.blob.digest for c in inode.chunks)
+                    compressed.update((c.blob.digest, c.blob.compressed) for c in inode.chunks)
     except PuzzleFSError as e:
         problems.append(Problem(rootfs_desc.digest.hex, "rootfs", str(e)))
         # The rootfs cannot say which chunks the image uses; the manifest still can.
@@ -109,7 +116,14 @@ def image_blobs(
         if expected is None and verity_digest is not None:
             problems.append(Problem(digest.hex, "chunk", "no fsVerityData entry"))
         blobs.append(
-            _Blob(digest, "chunk", sizes.get(digest), expected.hex() if expected else None)
+            _Blob(
+                digest,
+                "chunk",
+                sizes.get(digest),
+                expected.hex() if expected else None,
+                compressed.get(raw),
+                is_zstd_image(manifest.chunk_layers),
+            )
         )
     return desc, blobs
 
@@ -131,7 +145,7 @@ def verify(oci_dir: str | Path, tag: str, *, verity_digest: str | None = None) -
             continue
         try:
             size = os.fstat(fd).st_size
-            if blob.size is not None and size != blob.size:
+            if blob.size is not None and size != blob.size and not _reference_size(blob, fd):
                 problems.append(
                     Problem(blob.digest.hex, blob.role, f"size {size}, expected {blob.size}")
                 )
@@ -142,7 +156,7 @@ def verify(oci_dir: str | Path, tag: str, *, verity_digest: str | None = None) -
                 problems.append(Problem(blob.digest.hex, blob.role, f"sha256 is {sha}"))
             if verity_digest is not None and blob.verity is not None:
                 actual = (measure_verity(fd) or fsverity_digest_fd(fd)).hex()
-                if actual != blob.verity.lower():
+                if actual != blob.verity.lower() and not _reference_raw_chunk(blob, fd):
                     problems.append(
                         Problem(
                             blob.digest.hex,
@@ -153,6 +167,39 @@ def verify(oci_dir: str | Path, tag: str, *, verity_digest: str | None = None) -
         finally:
             os.close(fd)
     return report
+
+
+def _reference_size(blob: _Blob, fd: int) -> bool:
+    """A chunk size the 0.2.0 reference records (see puzzlefs.reference_compat)."""
+    return (
+        blob.size is not None
+        and blob.compressed is True
+        and compressed_chunk_size_ok(
+            blob.size, _read_fd(fd), referenced_compressed=True, zstd_image=blob.zstd_image
+        )
+    )
+
+
+def _reference_raw_chunk(blob: _Blob, fd: int) -> bool:
+    """A raw chunk's fs-verity record as the reference writes it (reference_compat)."""
+    return (
+        blob.verity is not None
+        and blob.compressed is False
+        and raw_chunk_verity_ok(
+            bytes.fromhex(blob.verity),
+            _read_fd(fd),
+            referenced_raw=True,
+            zstd_image=blob.zstd_image,
+        )
+    )
+
+
+def _read_fd(fd: int) -> bytes:
+    parts, offset = [], 0
+    while data := os.pread(fd, 1 << 20, offset):
+        parts.append(data)
+        offset += len(data)
+    return b"".join(parts)
 
 
 def _sha256_fd(fd: int) -> str:
@@ -183,7 +230,7 @@ def enable_fs_verity(oci_dir: str | Path, tag: str, manifest_digest: str) -> int
             if measured is None:
                 raise ImageError(f"{blob.role} blob {blob.digest.hex}: fs-verity not enabled")
             expected = blob.verity or fsverity_digest_fd(fd).hex()
-            if measured.hex() != expected:
+            if measured.hex() != expected and not _reference_raw_chunk(blob, fd):
                 raise VerityMismatch(
                     f"{blob.role} blob {blob.digest.hex}", expected, measured.hex()
                 )

@@ -1,0 +1,77 @@
+"""Records the reference writes that the format's own rules would refuse, and exactly
+when a reader accepts them.
+
+Each rule is one function that a reader calls only after the ordinary check failed,
+so images written here are checked as strictly as ever; each accepts only a record
+that is a deterministic function of the bytes being checked, so no other bytes can
+pass.
+
+- fs-verity of raw-stored chunks: in a ``-c`` image, the reference stores a chunk raw
+  when compression does not make it smaller, but records in fsVerityData the fs-verity
+  digest of the compressed attempt, not of the stored bytes (FORMAT.md §8).
+- Sizes of compressed chunks: the 0.2.0 reference gives a ``+zstd`` chunk's manifest
+  descriptor the uncompressed size, not the stored one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from puzzlefs.compression import (
+    SeekableBlob,
+    compress_seekable,
+    compress_seekable_checksummed,
+)
+from puzzlefs.errors import ImageError
+from puzzlefs.oci import MEDIA_TYPE_CHUNK_ZSTD, Descriptor
+from puzzlefs.verity import fsverity_digest
+
+__all__ = ["compressed_chunk_size_ok", "is_zstd_image", "raw_chunk_verity_ok"]
+
+
+def is_zstd_image(chunk_layers: Iterable[Descriptor]) -> bool:
+    """Whether a manifest's chunk layers say the image was built with compression."""
+    media_types = {d.media_type for d in chunk_layers}
+    return media_types == {MEDIA_TYPE_CHUNK_ZSTD}
+
+
+def raw_chunk_verity_ok(
+    recorded: bytes, stored: bytes, *, referenced_raw: bool, zstd_image: bool
+) -> bool:
+    """Whether ``recorded``, the fsVerityData entry of a chunk blob whose ``stored``
+    bytes do not measure to it, is the reference's record of a chunk it stored raw.
+
+    Only for a blob the rootfs references with ``compressed=false`` in an image whose
+    chunk layers are ``+zstd``, and only when the record is the fs-verity digest of
+    what the reference compressed from exactly these bytes (in the 0.2.0 crate's form
+    or the later one) and that attempt was not smaller than the bytes, which is why
+    they were stored raw. Compression is injective, so the record still names these
+    bytes and no others.
+
+    The attempt is recomputed with our libzstd. Data that does not compress gets raw
+    zstd blocks, the same in every version; should a version difference change one
+    of its frames, the record is not reproduced and the blob is refused: a false
+    refusal, never a false acceptance.
+    """
+    if not (referenced_raw and zstd_image):
+        return False
+    for compress in (compress_seekable_checksummed, compress_seekable):
+        attempt = compress(stored)
+        if len(attempt) >= len(stored) and fsverity_digest(attempt) == recorded:
+            return True
+    return False
+
+
+def compressed_chunk_size_ok(
+    descriptor_size: int, stored: bytes, *, referenced_compressed: bool, zstd_image: bool
+) -> bool:
+    """Whether a manifest's ``descriptor_size`` for a chunk blob of another size is
+    the 0.2.0 reference's: the size of the chunk before compression. Only for a blob
+    the rootfs references with ``compressed=true`` in a ``+zstd`` image, and only when
+    the blob's seek table says it decompresses to exactly that size."""
+    if not (referenced_compressed and zstd_image):
+        return False
+    try:
+        return SeekableBlob(stored).size == descriptor_size
+    except ImageError:
+        return False
