@@ -1,5 +1,5 @@
 import sys
 
-from puzzlefs.cli import main
+from puzzlefs._entry import main
 
 sys.exit(main())

@@ -472,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # see puzzlefs._entry
         parser = _parser()
         args = parser.parse_args(argv)
         func: Handler = args.func
