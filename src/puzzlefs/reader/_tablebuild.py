@@ -7,7 +7,6 @@ Imported only to build an index: serving one needs no numpy.
 
 from __future__ import annotations
 
-import hashlib
 import stat
 
 import numpy as np
@@ -29,6 +28,7 @@ from puzzlefs.reader._tables import (
     VERSION,
     XATTR,
     Built,
+    _checksum,
 )
 
 I64 = np.int64
@@ -462,21 +462,24 @@ def _assemble(
     body += strings.tobytes()
     body += notes
     end = HEADER.size + len(body)
-    header = HEADER.pack(
-        MAGIC,
-        VERSION,
-        0,
-        len(inodes),
-        len(entries),
-        len(chunks),
-        len(blobs),
-        len(xattrs),
-        len(strings) + len(notes),
-        *offsets,
-        strings_at,
-        len(notes),
-        end,
-        source,
-        hashlib.sha256(body).digest(),
+    header = bytearray(
+        HEADER.pack(
+            MAGIC,
+            VERSION,
+            0,
+            len(inodes),
+            len(entries),
+            len(chunks),
+            len(blobs),
+            len(xattrs),
+            len(strings) + len(notes),
+            *offsets,
+            strings_at,
+            len(notes),
+            end,
+            source,
+            bytes(32),
+        )
     )
-    return header + bytes(body)
+    header[-32:] = _checksum(bytes(header) + bytes(body))
+    return bytes(header) + bytes(body)

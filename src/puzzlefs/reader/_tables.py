@@ -9,7 +9,7 @@ The file, little-endian, every section 8-byte aligned:
 
     header        magic, version, counts, section offsets, the digest of what it was
                   made from (the rootfs's sha256, with times that of both blobs),
-                  the sha256 of everything after the header
+                  last the sha256 of every other byte of the file
     inodes        sorted by inode number, one 64-byte record each:
                   ino u64, size u64, mode u32, nlink u32, uid u32, gid u32,
                   a u32, b u32, first xattr u32, xattr count u32,
@@ -160,9 +160,12 @@ class Tables:
         if pos > self._strings_at:
             raise MetadataError("index sections overlap")
         self._buf = buf
+        if verify:
+            with memoryview(buf) as view:  # released before any error: buf may close
+                sound = _checksum(view) == body_sha256
+            if not sound:
+                raise MetadataError("index checksum mismatch")
         self._view = memoryview(buf)
-        if verify and hashlib.sha256(self._view[HEADER.size :]).digest() != body_sha256:
-            raise MetadataError("index checksum mismatch")
         self._strings = self._view[self._strings_at : self._end]
         self.problems = (
             bytes(self._view[self._end - notes_size : self._end])
@@ -176,6 +179,7 @@ class Tables:
         self._dense_base = first if last - first + 1 == self.count else None
         root = self.row_of(1)
         if root is None or self.attr(root).kind != stat.S_IFDIR:
+            self.close()
             raise MetadataError("the image has no root directory")
         self.root_row = root
 
@@ -265,6 +269,14 @@ class Tables:
         self._view.release()
         if isinstance(self._buf, mmap.mmap):
             self._buf.close()
+
+
+def _checksum(buf: Any) -> bytes:
+    """The sha256 of the whole file but the checksum field (the header's last 32
+    bytes): every other byte, header included, is covered."""
+    h = hashlib.sha256(buf[: HEADER.size - 32])
+    h.update(buf[HEADER.size :])
+    return h.digest()
 
 
 # -- building ---------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""The persistent index: built once, then mapped; never served when it is corrupt,
+truncated, stale, foreign or not private; rebuilt instead."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from puzzlefs import build
+from puzzlefs.errors import DigestMismatch
+from puzzlefs.oci import ImageLayout
+from puzzlefs.reader._open import OpenedImage
+from puzzlefs.reader.index import _evict, load_tables, source_key
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"one")
+    build(src, tmp_path / "oci", "one")
+    (src / "d" / "g").write_bytes(b"two")
+    build(src, tmp_path / "oci", "two")
+    return tmp_path / "oci"
+
+
+def opened(oci: Path, tag: str) -> OpenedImage:
+    return OpenedImage(ImageLayout(oci), tag)
+
+
+def index_file(where: Path, image: OpenedImage) -> Path:
+    (found,) = [p for p in where.iterdir() if p.name.startswith(source_key(image).hex())]
+    return found
+
+
+def test_built_once_then_mapped(images: Path, tmp_path: Path) -> None:
+    where = tmp_path / "idx"
+    image = opened(images, "one")
+    first = load_tables(image, directory=where)
+    path = index_file(where, image)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(where.stat().st_mode & 0o777) == "0o700"
+    inode = path.stat().st_ino
+    second = load_tables(opened(images, "one"), directory=where)
+    assert path.stat().st_ino == inode  # not rebuilt
+    assert first.count == second.count and first.source == second.source
+    load_tables(opened(images, "two"), directory=where)
+    assert len(list(where.iterdir())) == 2  # one per rootfs and times
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
+def test_a_damaged_index_is_rebuilt(images: Path, tmp_path: Path, damage: str) -> None:
+    where = tmp_path / "idx"
+    image = opened(images, "one")
+    good = load_tables(image, directory=where)
+    path = index_file(where, image)
+    original = path.read_bytes()
+    data = bytearray(original)
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        del data[len(data) // 3 :]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(os.urandom(len(data)))
+    path.write_bytes(bytes(data))
+    again = load_tables(opened(images, "one"), directory=where)
+    assert path.read_bytes() == original  # rebuilt, byte for byte
+    assert again.count == good.count
+
+
+def test_a_stale_index_is_never_served(images: Path, tmp_path: Path) -> None:
+    """The index of another image renamed into this one's place."""
+    where = tmp_path / "idx"
+    one, two = opened(images, "one"), opened(images, "two")
+    load_tables(one, directory=where)
+    load_tables(two, directory=where)
+    p1, p2 = index_file(where, one), index_file(where, two)
+    shutil.copyfile(p2, p1)
+    tables = load_tables(opened(images, "one"), directory=where)
+    assert tables.source == source_key(one)
+    assert p1.read_bytes() != p2.read_bytes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_an_index_not_ours_or_not_private_is_rebuilt(images: Path, tmp_path: Path) -> None:
+    where = tmp_path / "idx"
+    image = opened(images, "one")
+    load_tables(image, directory=where)
+    path = index_file(where, image)
+    for change in (lambda: os.chown(path, 1234, 1234), lambda: os.chmod(path, 0o666)):
+        change()
+        load_tables(opened(images, "one"), directory=where)
+        st = path.stat()
+        assert st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0
+
+
+def test_an_unwritable_cache_still_mounts(images: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    tables = load_tables(opened(images, "one"), directory=blocker / "idx")
+    assert tables.count > 0
+
+
+def test_a_corrupt_rootfs_is_refused_even_with_an_index(images: Path, tmp_path: Path) -> None:
+    """The index is never trusted over the rootfs: the rootfs must be intact too."""
+    where = tmp_path / "idx"
+    image = opened(images, "one")
+    load_tables(image, directory=where)
+    blob = images / "blobs" / "sha256" / image.rootfs_descriptor.digest.hex
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(DigestMismatch):
+        load_tables(opened(images, "one"), directory=where)
+
+
+def test_the_cache_keeps_the_most_recent_within_its_bound(tmp_path: Path) -> None:
+    where = tmp_path / "idx"
+    where.mkdir()
+    for i in range(5):
+        p = where / f"{i:064x}.v2"
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (1000 + i, 1000 + i))
+    keep = where / f"{0:064x}.v2"
+    _evict(where, keep=keep, limit=2500)
+    left = sorted(p.name for p in where.iterdir())
+    assert left == [f"{0:064x}.v2", f"{4:064x}.v2"]  # the one in use, and the newest
