@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 365 * 24 * 3600  # seconds: the image never changes under the kernel
 BLKSIZE = 128 * 1024  # st_blksize: the kernel's read size, a hint for cp and friends
+NAME_MAX = 255
 _CHUNK_LISTS = 4096  # files whose chunk lists are kept decoded (open files, mostly)
 
 
@@ -79,8 +80,10 @@ class ImageFS:
             return {op: self._guarded(h) for op, h in table.items()}
         return table
 
-    def connected(self, conn: Connection) -> None:
+    def negotiated(self, conn: Connection) -> None:
         self.conn = conn
+
+    def connected(self, conn: Connection) -> None:
         if self.on_live is not None:
             self.on_live(conn)
 
@@ -119,6 +122,8 @@ class ImageFS:
         body = req.body
         end = bytes(body).find(b"\0")
         name = bytes(body[: end if end >= 0 else len(body)])
+        if len(name) > NAME_MAX:  # FUSE allows longer; no name in an image is
+            raise FuseError(errno.ENAMETOOLONG)
         row = self.tables.lookup(parent, name)
         if row is None:
             # A negative entry the kernel may cache as long as a positive one.
@@ -144,7 +149,7 @@ class ImageFS:
 
     def statfs(self, req: Request) -> Reply:
         blocks = (self.stored_bytes + 4095) // 4096
-        return _abi.STATFS_OUT.pack(blocks, 0, 0, self.tables.count, 0, 4096, 255, 4096, 0)
+        return _abi.STATFS_OUT.pack(blocks, 0, 0, self.tables.count, 0, 4096, NAME_MAX, 4096, 0)
 
     def getxattr(self, req: Request) -> Reply:
         size, _ = _abi.GETXATTR_IN.unpack_from(req.body)

@@ -82,6 +82,10 @@ class Operations(Protocol):
         """Opcode -> handler. Unlisted opcodes get ENOSYS (or EROFS if they write)."""
         ...
 
+    def negotiated(self, conn: Connection) -> None:
+        """What INIT agreed on, before it is answered (no request comes earlier)."""
+        ...
+
     def connected(self, conn: Connection) -> None:
         """INIT was answered: the mount is live."""
         ...
@@ -173,6 +177,8 @@ class Session:
                 if e.errno not in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
                     log.error("reading /dev/fuse failed: %s", e)
                 break  # unmounted
+            if n == 0:  # the other end is gone (only a stand-in kernel does that)
+                break
             if n < hsize:
                 log.error("short FUSE request (%d bytes)", n)
                 continue
@@ -261,6 +267,7 @@ class Session:
             0,
         )
         self._conn = conn
+        self.ops.negotiated(conn)
         self._reply(req.unique, reply)
         try:
             self.ops.connected(conn)
