@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -61,13 +62,17 @@ def source_key(image: OpenedImage) -> bytes:
 def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
     """The image's tables: the stored index if it is sound, else built (and stored).
 
-    Either way the rootfs itself is checked first (its sha256, and with a digest its
-    fs-verity digest): an index is never served for a rootfs that is not there and
-    intact. With an index at hand, that check and the index's own run side by side.
+    Either way the rootfs (and times blob) must be there and intact: an index is never
+    served for a rootfs that is not. They are checked in full (sha256; with a digest,
+    the fs-verity chain) unless, without a digest, the very files were checked before
+    and have not changed since (same device, inode, size, mtime and ctime: what git's
+    index trusts too), which spares a mount reading the whole rootfs. With an index at
+    hand, that check and the index's own checksum run side by side.
     """
     where = directory or index_dir()
     key = source_key(image)
     path = _path(where, key.hex())
+    seen = _Seen(path.with_name(path.name + ".seen"), image)
     checked: list[BaseException | None] = []
 
     def check() -> None:
@@ -79,22 +84,27 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
             checked.append(e)
 
     if path.exists():
-        thread = threading.Thread(target=check, name="puzzlefs-rootfs-check")
-        thread.start()
+        known = seen.known() and not image.verify_verity
+        thread = None if known else threading.Thread(target=check, name="puzzlefs-check")
+        if thread is not None:
+            thread.start()
         try:
             tables: Tables | None = open_tables(str(path))
         except (OSError, MetadataError) as e:
             log.warning("index %s is unusable (%s): rebuilding it", path, e)
             tables = None
-        thread.join()
-        if checked[0] is not None:
-            if tables is not None:
-                tables.close()
-            raise checked[0]
+        if thread is not None:
+            thread.join()
+            if checked[0] is not None:
+                if tables is not None:
+                    tables.close()
+                raise checked[0]
         if tables is not None:
             if tables.source == key:
                 with contextlib.suppress(OSError):
                     os.utime(path)  # recently used
+                if not known:
+                    seen.add()
                 return tables
             tables.close()
             log.warning("index %s was made from another rootfs: rebuilding it", path)
@@ -108,6 +118,7 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
         log.warning("%s:%s: %s", image.layout.path, image.tag, line)
     try:
         _store(where, path, built.data)
+        seen.add(fresh=True)
     except OSError as e:
         log.info("cannot keep the index in %s (%s): it lives in memory", where, e.strerror)
         return Tables(built.data)
@@ -115,6 +126,63 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
         return open_tables(str(path))
     except (OSError, MetadataError):
         return Tables(built.data)
+
+
+class _Seen:
+    """The identities of rootfs (and times) blob files that were checked in full and
+    found to be what an index was made from: one line each, beside the index."""
+
+    LIMIT = 64  # lines kept (layouts holding the same rootfs)
+
+    def __init__(self, path: Path, image: OpenedImage) -> None:
+        self.path = path
+        self.line = _identity(image)
+
+    def _lines(self) -> list[str]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return []
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return []
+            return os.read(fd, 1 << 16).decode(errors="replace").splitlines()
+        finally:
+            os.close(fd)
+
+    def known(self) -> bool:
+        return self.line is not None and self.line in self._lines()
+
+    def add(self, *, fresh: bool = False) -> None:
+        if self.line is None:
+            return
+        lines = [] if fresh else [x for x in self._lines() if x != self.line]
+        lines = (lines + [self.line])[-self.LIMIT :]
+        with contextlib.suppress(OSError):
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(tmp, self.path)
+
+
+def _identity(image: OpenedImage) -> str | None:
+    """The rootfs and times blob files as the kernel knows them."""
+    parts = []
+    for desc in (image.rootfs_descriptor, image.manifest.times):
+        if desc is None:
+            continue
+        path = image.layout.blobs.path(desc.digest)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except (OSError, TypeError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        parts.append(
+            f"{desc.digest.hex}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        )
+    return " ".join(parts)
 
 
 def _store(directory: Path, path: Path, data: bytes) -> None:
@@ -144,7 +212,8 @@ def _evict(directory: Path, keep: Path, limit: int = CACHE_BYTES) -> None:
     for _, size, path in sorted(entries):
         if total <= limit:
             break
-        if path != str(keep):
+        if path != str(keep) and not path.endswith(".seen"):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+                os.unlink(path + ".seen")
             total -= size
