@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -253,8 +254,19 @@ def cmd_enable_fs_verity(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from puzzlefs.mount import mount
 
-    if args.legacy_mountpoint is not None:  # the seed talk's `mount OCI_DIR TAG MOUNTPOINT`
-        oci_dir, tag, mountpoint = Path(args.image), args.mountpoint, args.legacy_mountpoint
+    persist = args.persist
+    if args.legacy_mountpoint is not None:
+        if args.writable and persist is None:
+            # The mount-helper form: `mount OCI_DIR:TAG -w WRITABLE_DIR MOUNTPOINT`.
+            persist, mountpoint = args.mountpoint, args.legacy_mountpoint
+            oci_dir, tag = _image_ref(args.image)
+        else:  # the seed talk's `mount OCI_DIR TAG MOUNTPOINT`
+            if not (Path(args.image) / "oci-layout").is_file():
+                raise UsageError(
+                    f"three arguments are OCI_DIR TAG MOUNTPOINT, and {args.image} is not an"
+                    " OCI layout (or give -w WRITABLE_DIR: OCI_DIR:TAG -w DIR MOUNTPOINT)"
+                )
+            oci_dir, tag, mountpoint = Path(args.image), args.mountpoint, args.legacy_mountpoint
     else:
         (oci_dir, tag), mountpoint = _image_ref(args.image), args.mountpoint
     mount(
@@ -266,6 +278,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         foreground=args.foreground,
         init_pipe=args.init_pipe,
         log_file=args.log_file,
+        writable=args.writable,
+        persist=persist,
     )
     return 0
 
@@ -428,6 +442,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="append the daemon's log to FILE (default: syslog; with -f: stderr)",
     )
+    m.add_argument(
+        "-w",
+        "--writable",
+        action="store_true",
+        help="make the mount writable: an overlayfs whose upper layer is a temporary"
+        " directory, removed by umount (root only)",
+    )
+    m.add_argument(
+        "-p",
+        "--persist",
+        metavar="UPPERDIR",
+        help="make the mount writable and keep the changes in UPPERDIR, across mounts"
+        " (root only)",
+    )
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount a puzzlefs mount")
@@ -466,11 +494,21 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+class _Warnings(logging.Handler):
+    """Library warnings (an index rebuilt, a problem hidden) as ``warning:`` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM and SIGHUP unwind like Ctrl-C: a build stops its workers, an extract
     # or export removes what it wrote, and the exit code says which signal it was.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(_Warnings(logging.WARNING))
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # see puzzlefs._entry
         parser = _parser()
