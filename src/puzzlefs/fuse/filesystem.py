@@ -106,13 +106,17 @@ class ImageFS:
             raise FuseError(errno.ENOENT)
         return self.tables.attr(row)
 
-    def _entry(self, row: int) -> bytes:
+    def _attr_fields(self, row: int) -> tuple[int, ...]:
+        """A row as the fields of struct fuse_attr (the times: mtime for all three)."""
         ino, size, mode, nlink, uid, gid, a, b, _, _, t, tn, _ = self.tables.raw_attr(row)
-        return _abi.ENTRY_OUT.pack(
-            ino, 0, TIMEOUT, TIMEOUT, 0, 0,
+        return (
             ino, size, (size + 511) >> 9, t, t, t, tn, tn, tn,
             mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
         )  # fmt: skip
+
+    def _entry(self, row: int) -> bytes:
+        fields = self._attr_fields(row)
+        return _abi.ENTRY_OUT.pack(fields[0], 0, TIMEOUT, TIMEOUT, 0, 0, *fields)
 
     # -- metadata -----------------------------------------------------------------
     def lookup(self, req: Request) -> Reply:
@@ -134,12 +138,7 @@ class ImageFS:
         row = self.tables.row_of(req.nodeid)
         if row is None:
             raise FuseError(errno.ENOENT)
-        ino, size, mode, nlink, uid, gid, a, b, _, _, t, tn, _ = self.tables.raw_attr(row)
-        return _abi.ATTR_OUT.pack(
-            TIMEOUT, 0, 0,
-            ino, size, (size + 511) >> 9, t, t, t, tn, tn, tn,
-            mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
-        )  # fmt: skip
+        return _abi.ATTR_OUT.pack(TIMEOUT, 0, 0, *self._attr_fields(row))
 
     def readlink(self, req: Request) -> Reply:
         attr = self._attr(req.nodeid)

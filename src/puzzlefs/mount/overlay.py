@@ -26,6 +26,7 @@ from pathlib import Path
 from puzzlefs.errors import MountError
 from puzzlefs.fuse.kernel import MountFlags, unmount
 from puzzlefs.mount.mountinfo import MountInfo, find_mount
+from puzzlefs.mount.options import split_options
 
 __all__ = ["Overlay", "is_puzzlefs_overlay", "mount_overlay", "prepare", "teardown"]
 
@@ -119,7 +120,7 @@ def discard(overlay: Overlay) -> None:
 
 def _state_of(info: MountInfo) -> Overlay | None:
     """The overlay record of a mount, if it is one of ours."""
-    opts = dict(_split_options(info.options))
+    opts = dict(o.partition("=")[::2] for o in split_options(info.options))
     lowers = opts.get("lowerdir")
     if info.fstype != "overlay" or lowers is None:
         return None
@@ -134,24 +135,6 @@ def _state_of(info: MountInfo) -> Overlay | None:
     return Overlay(
         state, lower, Path(record["upper"]), Path(record["work"]), bool(record["temporary"])
     )
-
-
-def _split_options(options: str) -> list[tuple[str, str]]:
-    out, cur, i = [], [], 0
-    while i < len(options):
-        c = options[i]
-        if c == "\\" and i + 1 < len(options):
-            cur.append(options[i + 1])
-            i += 2
-            continue
-        if c == ",":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    out.append("".join(cur))
-    return [(k, v) for k, _, v in (o.partition("=") for o in out)]
 
 
 def is_puzzlefs_overlay(info: MountInfo) -> bool:

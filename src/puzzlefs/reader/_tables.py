@@ -69,7 +69,8 @@ MAX_XATTR_VALUE = 65536
 MAX_SIZE = (1 << 63) - 1
 _NO_VERITY = bytes(32)
 
-_FMT = {
+# Union member (as puzzlefs.format.Kind names them) -> the file type bits of st_mode.
+FILE_TYPES = {
     "dir": stat.S_IFDIR,
     "file": stat.S_IFREG,
     "lnk": stat.S_IFLNK,
