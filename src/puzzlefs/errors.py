@@ -17,6 +17,7 @@ see. The CLI and the FUSE adapter translate errors in exactly one place each.
     │   └── MetadataError          Cap'n Proto that does not decode, bad inodes, loops
     ├── BuildError                 the source tree cannot be built
     ├── ExtractError               the destination cannot be written safely
+    ├── NotFound (KeyError)        a path or inode that is not in the image
     ├── VerityUnsupported          the kernel or filesystem has no fs-verity
     └── MountError
 
@@ -89,6 +90,12 @@ class BuildError(PuzzleFSError):
 
 class ExtractError(PuzzleFSError):
     pass
+
+
+class NotFound(PuzzleFSError, KeyError):
+    """A name or inode that does not exist (or was deleted by a whiteout)."""
+
+    errno = _errno.ENOENT
 
 
 class VerityUnsupported(PuzzleFSError):

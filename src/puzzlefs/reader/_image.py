@@ -14,7 +14,7 @@ from itertools import accumulate
 from pathlib import Path
 
 from puzzlefs.digest import Digest
-from puzzlefs.errors import ImageError, MetadataError, PuzzleFSError
+from puzzlefs.errors import ImageError, MetadataError, NotFound
 from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
 from puzzlefs.format.times import Times, decode_times
 from puzzlefs.oci import ImageLayout, Manifest
@@ -36,12 +36,6 @@ _FMT = {
     Kind.UNKNOWN: 0,
 }
 INODE_CACHE_ENTRIES = 65536
-
-
-class NotFound(PuzzleFSError, KeyError):
-    """A name or inode that does not exist (or was deleted by a whiteout)."""
-
-    errno = 2  # ENOENT
 
 
 def is_valid_name(name: bytes) -> bool:
