@@ -24,12 +24,27 @@ from puzzlefs.progress import Progress
 
 if TYPE_CHECKING:
     from puzzlefs.compression import ZstdOptions
+    from puzzlefs.reader import Image
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _image_ref(text: str) -> tuple[Path, str]:
     return parse_image_ref(text)
+
+
+def _expect_files(progress: Progress, image: Image) -> None:
+    """Give a progress line on a terminal its totals (from the image's index)."""
+    if not progress.enabled:
+        return
+    from puzzlefs.reader.index import load_tables
+
+    try:
+        files, size = load_tables(image.opened).file_totals()
+    except PuzzleFSError:
+        return  # the work itself says what is wrong
+    progress.expect("files", files)
+    progress.expect("bytes", size)
 
 
 def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
@@ -122,7 +137,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     oci_dir, tag = _image_ref(args.image)
     image = open_image(oci_dir, tag, verity_digest=_verity_hex(args.digest))
-    stats = extract(image, args.dest, progress=Progress("extracting"))
+    progress = Progress("extracting")
+    _expect_files(progress, image)
+    stats = extract(image, args.dest, progress=progress)
     warn(stats)
     return 0
 
@@ -135,8 +152,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     oci_dir, tag = _image_ref(args.image)
     image = open_image(oci_dir, tag, verity_digest=_verity_hex(args.digest))
+    progress = Progress("exporting")
+    _expect_files(progress, image)
     if args.out == "-":
-        export_tar(image, sys.stdout.buffer)
+        export_tar(image, sys.stdout.buffer, progress=progress)
         sys.stdout.buffer.flush()
         return 0
     out = Path(args.out)
@@ -144,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            export_tar(image, f)
+            export_tar(image, f, progress=progress)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
@@ -157,7 +176,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from puzzlefs.reader.verify import verify
 
     oci_dir, tag = _image_ref(args.image)
-    report = verify(oci_dir, tag, verity_digest=_verity_hex(args.digest))
+    report = verify(
+        oci_dir, tag, verity_digest=_verity_hex(args.digest), progress=Progress("verifying")
+    )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

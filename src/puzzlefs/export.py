@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from puzzlefs.errors import MetadataError
 from puzzlefs.format import Inode, Kind
+from puzzlefs.progress import Progress
 from puzzlefs.reader import Image
 
 __all__ = ["export_tar"]
@@ -80,7 +81,9 @@ def _walk_sorted(image: Image) -> Iterator[tuple[bytes, Inode]]:
             stack.append(children(path, inode))
 
 
-def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
+def export_tar(
+    image: Image, out: BinaryIO, warn: bool = True, progress: Progress | None = None
+) -> list[str]:
     """Write the image's tree to ``out`` as a tar; return the warnings."""
     warnings: list[str] = []
     first_path: dict[int, str] = {}
@@ -127,6 +130,11 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
                 elif inode.kind in (Kind.CHR, Kind.BLK):
                     info.devmajor, info.devminor = inode.major, inode.minor
             tar.addfile(info, fileobj)
+            if progress and fileobj is not None:
+                progress.add("files")
+                progress.add("bytes", inode.size)
+    if progress:
+        progress.done()
     if warn:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)

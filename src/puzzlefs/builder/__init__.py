@@ -84,6 +84,9 @@ def build_rootfs(
     files: dict[Ino, list[FileChunk]] = {}
     chunks: list[StoredChunk] = []
     regular = [(n.ino, n.content or n.path, n.st.st_size) for n in iter_regular(tree)]
+    if progress:
+        progress.expect("files", len(regular))
+        progress.expect("bytes", sum(size for _, _, size in regular))
     stream = FileStream(
         ((ino, source) for ino, source, _ in regular),
         on_file=(lambda n: progress.add("files")) if progress else None,

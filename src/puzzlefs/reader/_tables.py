@@ -256,6 +256,16 @@ class Tables:
             )
         ]
 
+    def file_totals(self) -> tuple[int, int]:
+        """(regular files, their bytes), each inode once: for progress totals."""
+        files = size = 0
+        for row in range(self.count):
+            _, n, mode, *_ = INODE.unpack_from(self._buf, self._inodes_at + row * INODE.size)
+            if stat.S_ISREG(mode):
+                files += 1
+                size += n
+        return files, size
+
     def blob(self, index: int) -> tuple[bytes, bytes | None]:
         """(sha256, fs-verity digest or None) of chunk blob ``index``."""
         digest, verity = BLOB.unpack_from(self._buf, self._blobs_at + index * BLOB.size)

@@ -17,6 +17,7 @@ from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError, PuzzleFSError, VerityMismatch
 from puzzlefs.format import Kind, RootfsReader
 from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
+from puzzlefs.progress import Progress
 from puzzlefs.reference_compat import compressed_chunk_size_ok, is_zstd_image, raw_chunk_verity_ok
 from puzzlefs.verity import enable_verity, fsverity_digest_fd, measure_verity
 
@@ -128,12 +129,22 @@ def image_blobs(
     return desc, blobs
 
 
-def verify(oci_dir: str | Path, tag: str, *, verity_digest: str | None = None) -> Report:
+def verify(
+    oci_dir: str | Path,
+    tag: str,
+    *,
+    verity_digest: str | None = None,
+    progress: Progress | None = None,
+) -> Report:
     layout = ImageLayout(oci_dir)
     problems: list[Problem] = []
     report = Report(tag, problems=problems)
     _, blobs = image_blobs(layout, tag, problems, verity_digest.lower() if verity_digest else None)
+    if progress:
+        progress.expect("blobs", len(blobs))
     for blob in blobs:
+        if progress:
+            progress.add("blobs")
         path = layout.blobs.path(blob.digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
