@@ -21,6 +21,7 @@ import os
 import re
 import statistics
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -73,7 +74,7 @@ def available() -> str | None:
 
 
 @contextlib.contextmanager
-def tracefs_mounted() -> object:
+def tracefs_mounted() -> Iterator[None]:
     """Mount tracefs for the duration if it is not mounted (and unmount it after)."""
     mounted_here = False
     if not _mounted_tracefs() and os.geteuid() == 0:

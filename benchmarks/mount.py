@@ -92,6 +92,7 @@ TAR = "tar -cf - . | cat > /dev/null"  # not -f /dev/null: GNU tar would skip re
 FIND = "find . | wc -l"
 LARGE_FILE = 1 << 20  # seq and random read the data tree's files of at least this size
 RETRIES = 3  # measurements disturbed by someone else's drop_caches are taken again
+RETAKE_UNDER = 10.0  # seconds: cold measurements longer than this are kept, marked
 ENV = workloads.CHROOT_ENV  # every workload runs with this environment and nothing else
 REF, KSQ, KEROFS = "squashfuse_ll", "kernel squashfs", "kernel erofs"
 DROP = "sync; echo 3 > /proc/sys/vm/drop_caches"
@@ -111,6 +112,7 @@ class Row:
     values: list[float] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=dict)  # rss_mb, p99_us, ...
     errors: list[str] = field(default_factory=list)
+    disturbed: int = 0  # values measured while someone else dropped the caches
 
 
 @dataclass
@@ -138,6 +140,7 @@ class Results:
 class Sample:
     value: float
     extra: dict[str, float] = field(default_factory=dict)
+    disturbed: bool = False  # someone else dropped the caches while it ran
 
 
 # -- running things --------------------------------------------------------------------
@@ -154,7 +157,13 @@ def drops() -> int:
 
 class Disturbed(Exception):
     """Someone else dropped the caches during a measurement (tests on this machine do):
-    a warm run was made cold, a cold one colder. It is taken again."""
+    a warm run was made cold, a cold one colder. Short ones and warm ones are taken
+    again (RETRIES times at most); long cold ones, which would hardly ever escape, are
+    kept and counted as disturbed in their row."""
+
+    def __init__(self, samples: dict[str, Sample]) -> None:
+        super().__init__("caches dropped by someone else")
+        self.samples = samples
 
 
 def run(cmd: str | list[str], cwd: Path | None = None) -> tuple[float, str]:
@@ -346,6 +355,7 @@ class Bench:
                 for phase, sample in samples.items():
                     row = self.results.row(test, t.label, s.name, phase, unit)
                     row.values.append(sample.value)
+                    row.disturbed += sample.disturbed
                     for k, v in sample.extra.items():
                         row.extra.setdefault(k, []).append(v)
         self.results.meta.setdefault("load", {})[key] = {
@@ -361,21 +371,26 @@ class Bench:
         for attempt in range(1, RETRIES + 1):
             try:
                 return once(s)
-            except Disturbed:
+            except Disturbed as e:
+                last = e.samples
                 count = self.results.meta.setdefault("retaken", {})
                 count[key] = count.get(key, 0) + 1
                 print(f"  caches dropped by someone else: again ({attempt})", file=sys.stderr)
-        return once(s)  # the last try counts even if disturbed
+        return last  # kept, marked disturbed
 
     def cold(
         self, server: peers.Server, work: Callable[[peers.Mounted], dict[str, Sample]]
     ) -> dict[str, Sample]:
         drop_caches()
         before = drops()
+        t = time.perf_counter()
         with self.mounts.mounted(server) as m:
             samples = work(m)
         if drops() != before:
-            raise Disturbed
+            for sample in samples.values():
+                sample.disturbed = True
+            if "warm" in samples or time.perf_counter() - t < RETAKE_UNDER:
+                raise Disturbed(samples)
         return samples
 
     # tests
@@ -615,6 +630,8 @@ def print_tables(results: Results, test: str, tree: str) -> None:
                 cells.append("" if math.isnan(v) else f"{v:.1f}")
             if r.errors:
                 cells[0] += f" ({len(r.errors)} failed)"
+            if r.disturbed:
+                cells[0] += f" ({r.disturbed} disturbed)"
             print("| " + " | ".join(cells) + " |")
     for line in results.commands.get(f"{test} {tree}", []):
         print(f"    {line}")

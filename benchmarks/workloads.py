@@ -70,10 +70,22 @@ def python_tree(workdir: str | os.PathLike[str], *, unchecked: bool = False) -> 
         # interpreter will see them (one process: no /dev/shm in there for a pool).
         # A few test files do not compile, on purpose: the status is not checked.
         subprocess.run(
-            [CHROOT, str(tmp), PYTHON, "-m", "compileall", "-q", "-f",
-             "--invalidation-mode", "unchecked-hash", "/usr/lib/python3.11"],
-            check=False, env=CHROOT_ENV, capture_output=True,
-        )  # fmt: skip
+            [
+                CHROOT,
+                str(tmp),
+                PYTHON,
+                "-m",
+                "compileall",
+                "-q",
+                "-f",
+                "--invalidation-mode",
+                "unchecked-hash",
+                "/usr/lib/python3.11",
+            ],
+            check=False,
+            env=CHROOT_ENV,
+            capture_output=True,
+        )
         os.rename(tmp, dest)
         marker.write_text("complete\n")
         return dest
