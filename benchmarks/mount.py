@@ -222,9 +222,11 @@ class Bench:
         self.args = args
         self.work = work
         self.results = results
-        self.puzzlefs = args.puzzlefs or peers.puzzlefs_command()
+        self.puzzlefs = peers.puzzlefs_command(args.puzzlefs)
         self.mounts = peers.Mounts(work / "mnt", work / "images")
         self.probe = self._compile_probe()
+        version = subprocess.run([*self.puzzlefs, "--version"], capture_output=True, text=True)
+        self.identity = f"{' '.join(self.puzzlefs)}: {version.stdout.strip()}"
         self._trees: dict[str, Tree] = {}
 
     def _compile_probe(self) -> Path:
@@ -256,7 +258,9 @@ class Bench:
         else:
             info = trees.cached_tree(self.work, trees.parse_size(label), self.args.seed)
             path, key, big = Path(info.path), Path(info.path).name, info.big_dir
-        images = peers.ImageSet(path, self.work / "images" / key, self.puzzlefs)
+        images = peers.ImageSet(
+            path, self.work / "images" / key, self.puzzlefs, self.identity, self.args.rebuild
+        )
         entries = sum(1 for _ in self.paths(path, images)) + 1
         t = Tree(path.name if label == "data" else label, path, images, entries, big)
         self._trees[label] = t
@@ -714,7 +718,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workdir", default="/var/tmp/puzzlefs-mount-bench")
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--from-json", help="print the tables of an earlier --json and exit")
-    ap.add_argument("--puzzlefs", help="the puzzlefs command (default: the installed one)")
+    ap.add_argument(
+        "--puzzlefs", help="the puzzlefs command, e.g. 'python3 -m puzzlefs' (default: installed)"
+    )
+    ap.add_argument(
+        "--rebuild", action="store_true", help="build the puzzlefs images again (new build code)"
+    )
     ap.add_argument("--index-reset", help="shell command run before each first mount")
     ap.add_argument("--data-tree", default="/usr/lib/x86_64-linux-gnu")
     ap.add_argument("--debian-rootfs", help="a minbase tree (default: make_dataset.sh's)")
@@ -770,7 +779,7 @@ def main() -> int:
     try:
         with interruptible(), fusetrace.tracefs_mounted():
             bench = Bench(args, work, results)
-            results.meta["puzzlefs"] = bench.puzzlefs
+            results.meta["puzzlefs"] = " ".join(bench.puzzlefs)
             bench.run_all()
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)

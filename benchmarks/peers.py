@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -53,16 +54,19 @@ def sh(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def puzzlefs_command() -> str:
-    """The installed ``puzzlefs`` console script: the one beside this interpreter if any
-    (no pyenv or venv shim in the timings), else the first on PATH."""
+def puzzlefs_command(given: str | None = None) -> list[str]:
+    """The puzzlefs command line: ``given`` (split as the shell would, e.g. ``python3 -m
+    puzzlefs``), else the installed console script beside this interpreter (no pyenv or
+    venv shim in the timings), else the first on PATH."""
+    if given:
+        return shlex.split(given)
     beside = Path(sys.executable).with_name("puzzlefs")
     if beside.exists():
-        return str(beside)
+        return [str(beside)]
     found = shutil.which("puzzlefs")
     if found is None:
         raise SystemExit("puzzlefs not found (pip install the project)")
-    return found
+    return [found]
 
 
 def _log(msg: str) -> None:
@@ -74,33 +78,45 @@ def _log(msg: str) -> None:
 class ImageSet:
     tree: Path
     dir: Path  # WORKDIR/images/KEY
-    puzzlefs: str
+    puzzlefs: list[str]
+    # The puzzlefs images remember which puzzlefs built them (command and --version)
+    # and are built again by another one, or by any with ``rebuild``.
+    identity: str = ""
+    rebuild: bool = False
     commands: list[str] = field(default_factory=list)
+    _fresh: set[str] = field(default_factory=set)  # built by this run
 
     def _stamp(self, name: str) -> Path:
         return self.dir / f"{name}.done"
 
     def _built(self, name: str, cmd: list[str], after: Callable[[str], str] | None = None) -> str:
-        """Run ``cmd`` unless ``name`` was built before; ``after`` gets its output and
-        returns a note kept with the stamp (the digest)."""
+        """Run ``cmd`` unless ``name`` was built before (by the same puzzlefs, for its
+        images); ``after`` gets its output and returns a note kept in the stamp."""
         if " ".join(cmd) not in self.commands:
             self.commands.append(" ".join(cmd))
         stamp = self.dir / f"{name}.done"
-        if not stamp.exists():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.dir / name, ignore_errors=True)
-            t = time.perf_counter()
-            out = sh(cmd).stdout
-            stamp.write_text(after(out) if after else "")
-            _log(f"built {self.dir.name}/{name} in {time.perf_counter() - t:.1f} s")
-        return stamp.read_text().strip()
+        built_by = self.identity if name.startswith("oci-") else ""
+        if stamp.exists():
+            by, _, note = stamp.read_text().partition("\n")
+            forced = self.rebuild and built_by and name not in self._fresh
+            if by == built_by and not forced:
+                return note.strip()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.dir / name, ignore_errors=True)
+        t = time.perf_counter()
+        out = sh(cmd).stdout
+        note = after(out) if after else ""
+        stamp.write_text(f"{built_by}\n{note}\n")
+        self._fresh.add(name)
+        _log(f"built {self.dir.name}/{name} in {time.perf_counter() - t:.1f} s")
+        return note
 
     def oci(self, compressed: bool) -> tuple[str, str]:
         """(``OCI_DIR:TAG``, manifest fs-verity digest) of the puzzlefs image."""
         name = "oci-zstd" if compressed else "oci-plain"
         oci = self.dir / name
         flags = ["-c"] if compressed else []
-        cmd = [self.puzzlefs, "build", *flags, str(self.tree), f"{oci}:{TAG}"]
+        cmd = [*self.puzzlefs, "build", *flags, str(self.tree), f"{oci}:{TAG}"]
 
         def after(out: str) -> str:
             m = re.search(r"manifest digest: ([0-9a-f]{64})", out)
@@ -231,7 +247,7 @@ class Server:
 
 def puzzlefs_server(
     name: str,
-    puzzlefs: str,
+    puzzlefs: list[str],
     ref: str,
     *extra: str,
     fresh_copy_of: Path | None = None,
@@ -243,8 +259,8 @@ def puzzlefs_server(
         return Server(
             name,
             True,
-            [puzzlefs, "mount", "-o", FUSE_OPTIONS, *extra, ref, "MNT"],
-            [puzzlefs, "umount", "MNT"],
+            [*puzzlefs, "mount", "-o", FUSE_OPTIONS, *extra, ref, "MNT"],
+            [*puzzlefs, "umount", "MNT"],
         )
     copy = fresh_copy_of.with_name("oci-first-mount")
 
@@ -257,8 +273,8 @@ def puzzlefs_server(
     return Server(
         name,
         True,
-        [puzzlefs, "mount", "-o", FUSE_OPTIONS, *extra, f"{copy}:{TAG}", "MNT"],
-        [puzzlefs, "umount", "MNT"],
+        [*puzzlefs, "mount", "-o", FUSE_OPTIONS, *extra, f"{copy}:{TAG}", "MNT"],
+        [*puzzlefs, "umount", "MNT"],
         prepare=prepare,
         finish=lambda: shutil.rmtree(copy, ignore_errors=True),
     )
