@@ -95,6 +95,7 @@ RETRIES = 3  # measurements disturbed by someone else's drop_caches are taken ag
 RETAKE_UNDER = 10.0  # seconds: cold measurements longer than this are kept, marked
 ENV = workloads.CHROOT_ENV  # every workload runs with this environment and nothing else
 REF, KSQ, KEROFS = "squashfuse_ll", "kernel squashfs", "kernel erofs"
+FIRST = "puzzlefs, first mount"
 DROP = "sync; echo 3 > /proc/sys/vm/drop_caches"
 PACKAGES = "fuse3 squashfs-tools squashfuse erofs-utils gcc (and debootstrap)"
 
@@ -305,13 +306,7 @@ class Bench:
         out = []
         if test == "mount":
             out.append(
-                peers.puzzlefs_server(
-                    "puzzlefs, first mount",
-                    self.puzzlefs,
-                    "",
-                    fresh_copy_of=im.pristine(),
-                    reset_cmd=self.args.index_reset,
-                )
+                peers.first_mount_server(FIRST, self.puzzlefs, im.pristine(), self.args.index_reset)
             )
         out.append(peers.puzzlefs_server("puzzlefs", self.puzzlefs, plain))
         if test in ("tar", "seq", "random", *CONTAINER_TESTS):
@@ -399,14 +394,15 @@ class Bench:
 
     # tests
     def test_mount(self, t: Tree) -> None:
+        servers = self.servers(t, "mount")
         # Mount the image once first, so that "puzzlefs" is not its first mount.
-        with self.mounts.mounted(self.servers(t, "mount")[1]):
+        with self.mounts.mounted(next(s for s in servers if s.name == "puzzlefs")):
             pass
 
         def once(s: peers.Server) -> dict[str, Sample]:
             return self.cold(s, lambda m: {"cold": Sample(m.seconds, memory(m))})
 
-        self.rounds("mount", t, self.servers(t, "mount"), "s", once, "(the mount command)")
+        self.rounds("mount", t, servers, "s", once, "(the mount command)")
 
     def test_find(self, t: Tree) -> None:
         counts: dict[str, set[int]] = {}

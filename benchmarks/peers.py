@@ -245,39 +245,32 @@ class Server:
         return [str(mnt) if a == "MNT" else a for a in which]
 
 
-def puzzlefs_server(
-    name: str,
-    puzzlefs: list[str],
-    ref: str,
-    *extra: str,
-    fresh_copy_of: Path | None = None,
-    reset_cmd: str | None = None,
-) -> Server:
-    """``puzzlefs mount``; with ``fresh_copy_of``, each mount is of a new hard-linked copy
-    of that never-mounted image (its first mount), after ``reset_cmd`` if given."""
-    if fresh_copy_of is None:
-        return Server(
-            name,
-            True,
-            [*puzzlefs, "mount", "-o", FUSE_OPTIONS, *extra, ref, "MNT"],
-            [*puzzlefs, "umount", "MNT"],
-        )
-    copy = fresh_copy_of.with_name("oci-first-mount")
-
-    def prepare() -> None:
-        shutil.rmtree(copy, ignore_errors=True)
-        sh(["cp", "-al", str(fresh_copy_of), str(copy)])
-        if reset_cmd:
-            sh(["sh", "-c", reset_cmd])
-
+def puzzlefs_server(name: str, puzzlefs: list[str], ref: str, *extra: str) -> Server:
     return Server(
         name,
         True,
-        [*puzzlefs, "mount", "-o", FUSE_OPTIONS, *extra, f"{copy}:{TAG}", "MNT"],
+        [*puzzlefs, "mount", "-o", FUSE_OPTIONS, *extra, ref, "MNT"],
         [*puzzlefs, "umount", "MNT"],
-        prepare=prepare,
-        finish=lambda: shutil.rmtree(copy, ignore_errors=True),
     )
+
+
+def first_mount_server(
+    name: str, puzzlefs: list[str], pristine: Path, reset_cmd: str | None
+) -> Server:
+    """``puzzlefs mount`` of a new hard-linked copy of a never-mounted image each time
+    (its first mount), after ``reset_cmd`` if given."""
+    copy = pristine.with_name("oci-first-mount")
+
+    def prepare() -> None:
+        shutil.rmtree(copy, ignore_errors=True)
+        sh(["cp", "-al", str(pristine), str(copy)])
+        if reset_cmd:
+            sh(["sh", "-c", reset_cmd])
+
+    server = puzzlefs_server(name, puzzlefs, f"{copy}:{TAG}")
+    server.prepare = prepare
+    server.finish = lambda: shutil.rmtree(copy, ignore_errors=True)
+    return server
 
 
 def floor_server(tree: Path, counts: Path | None = None) -> Server:
@@ -358,8 +351,15 @@ class Mounts:
 
     def unmount(self, m: Mounted) -> None:
         try:
-            sh(m.server.argv(m.mnt, m.server.unmount_cmd))
-            _wait_gone(m.daemons)
+            try:
+                sh(m.server.argv(m.mnt, m.server.unmount_cmd))
+            except RuntimeError:
+                # Busy or broken: detach it anyway, so the next mount here can happen,
+                # and report the failure.
+                subprocess.run(["umount", "-l", str(m.mnt)], capture_output=True, check=False)
+                raise
+            finally:
+                _wait_gone(m.daemons)
             if m.proc is not None:
                 m.proc.wait(timeout=60)
         finally:
