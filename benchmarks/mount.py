@@ -33,15 +33,19 @@ benchmarks/fuse_floor.py (a pyfuse3 filesystem whose every reply is made before 
 mounts: the binding's floor; find, stat, ls, requests), squashfuse_ll, kernel squashfs
 (mksquashfs -comp zstd, loop mount), kernel erofs (mkfs.erofs -zlz4hc, loop mount).
 FUSE mounts get ``-o dev,suid`` (chroot'ed programs open /dev/null). The daemon's
-memory (VmRSS, and its peak VmHWM) is read after each workload.
+memory (VmRSS; RssAnon, its own part; VmHWM, the peak) is read after each workload.
+A measurement during which someone else dropped the caches (/proc/vmstat counts every
+drop) is taken again if it was short or warm, else kept and counted as disturbed.
 
 Images and trees are cached in ``--workdir`` (default /var/tmp/puzzlefs-mount-bench);
-``--json FILE`` keeps every number, ``--from-json FILE`` prints the tables again.
+puzzlefs images are built again by another puzzlefs (command or --version) or with
+``--rebuild``. ``--json FILE`` keeps every number, ``--from-json FILE`` prints the
+tables again.
 Every mount and loop device is cleaned up on any exit, Ctrl-C included. Needs root,
 /dev/fuse, gcc, and Debian's fuse3, squashfs-tools, squashfuse, erofs-utils (and
 debootstrap for the Debian tree). Not a test: nothing asserts.
 
-    sudo python3 benchmarks/mount.py --quick                  # a few minutes
+    sudo python3 benchmarks/mount.py --quick      # ~1 min once the images are built
     sudo python3 benchmarks/mount.py --repeat 5 --repeat-large 3 --json base.json
     sudo python3 benchmarks/mount.py --only find,stat --sizes 300k --repeat 3
 """
