@@ -118,6 +118,7 @@ class Row:
     extra: dict[str, list[float]] = field(default_factory=dict)  # rss_mb, p99_us, ...
     errors: list[str] = field(default_factory=list)
     disturbed: int = 0  # values measured while someone else dropped the caches
+    rounds: list[int] = field(default_factory=list)  # the round of each value
 
 
 @dataclass
@@ -358,6 +359,7 @@ class Bench:
                 for phase, sample in samples.items():
                     row = self.results.row(test, t.label, s.name, phase, unit)
                     row.values.append(sample.value)
+                    row.rounds.append(r)
                     row.disturbed += sample.disturbed
                     for k, v in sample.extra.items():
                         row.extra.setdefault(k, []).append(v)
@@ -609,6 +611,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def per_round(r: Row, ref: Row) -> list[float]:
+    """r's value over ref's in each round both measured: neighbours in time, so the
+    machine's drift (other work on it) mostly cancels."""
+    theirs = dict(zip(ref.rounds or range(len(ref.values)), ref.values, strict=True))
+    mine = zip(r.rounds or range(len(r.values)), r.values, strict=True)
+    return [v / theirs[i] for i, v in mine if theirs.get(i)]
+
+
 def print_tables(results: Results, test: str, tree: str) -> None:
     rows = [r for r in results.rows if r.test == test and r.tree == tree]
     for phase in dict.fromkeys(r.phase for r in rows):
@@ -618,10 +628,17 @@ def print_tables(results: Results, test: str, tree: str) -> None:
         extras = list(dict.fromkeys(k for r in group for k in r.extra))
         n = max(len(r.values) for r in group)
         what = test if test == tree else f"{test}, {tree}"
-        print(f"\n{what}, {phase} ({unit}, median of {n}):\n")
+        print(
+            f"\n{what}, {phase} ({unit}, median of {n}; per round: the median and range of "
+            "the ratio within each round):\n"
+        )
         head = ["configuration", unit, "min-max"]
         peers_ = [p for p in (REF, KSQ, KEROFS) if not math.isnan(meds.get(p, float("nan")))]
-        head += [f"vs {p}" for p in peers_] + extras
+        head += [f"vs {p}" for p in peers_]
+        ref = next((r for r in group if r.server == REF), None)
+        if ref is not None:
+            head.append(f"per round vs {REF}")
+        head += extras
         print("| " + " | ".join(head) + " |")
         print("|---|" + "---:|" * (len(head) - 1))
         for r in group:
@@ -629,6 +646,11 @@ def print_tables(results: Results, test: str, tree: str) -> None:
             spread = f"{fmt(min(r.values), unit)}-{fmt(max(r.values), unit)}" if r.values else ""
             cells = [r.server, fmt(m, unit), spread]
             cells += [f"{m / meds[p]:.2f}x" for p in peers_]
+            if ref is not None:
+                ratios = per_round(r, ref)
+                cells.append(
+                    f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else ""
+                )
             for k in extras:
                 v = median(r.extra.get(k, []))
                 cells.append("" if math.isnan(v) else f"{v:.1f}")
