@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from puzzlefs import __version__
-from puzzlefs.errors import PuzzleFSError, Terminated, UsageError
+from puzzlefs.errors import (
+    EXIT_ERROR,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    PuzzleFSError,
+    Terminated,
+    UsageError,
+)
 from puzzlefs.oci import parse_image_ref
 from puzzlefs.progress import Progress
 
@@ -45,13 +52,10 @@ def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
         return True
     if level is not None and not level.isdigit():
         raise UsageError(f"the zstd level must be a number from 1 to {MAX_LEVEL}, got {level!r}")
-    try:
-        return ZstdOptions(
-            parse_size(frame) if frame is not None else DEFAULT_FRAME_SIZE,
-            int(level) if level is not None else DEFAULT_LEVEL,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    return ZstdOptions(  # raises OptionError, a UsageError
+        parse_size(frame) if frame is not None else DEFAULT_FRAME_SIZE,
+        int(level) if level is not None else DEFAULT_LEVEL,
+    )
 
 
 def _add_compression_options(p: argparse.ArgumentParser) -> None:
@@ -466,16 +470,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, str(e), e.exit_code)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        return _fail(e, f"{e.strerror or e}{where}", 1)
+        return _fail(e, f"{e.strerror or e}{where}", EXIT_ERROR)
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Terminated as e:
         print(f"Error: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a bug: still one line, the traceback on request
         return _fail(
-            e, f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)", 70
+            e,
+            f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)",
+            EXIT_INTERNAL,
         )
 
 

@@ -59,7 +59,13 @@ from puzzlefs.builder import BuildResult, build_tree
 from puzzlefs.builder.walk import Node, Region, Tree
 from puzzlefs.chunking import ChunkParams
 from puzzlefs.compression import ZstdOptions
-from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError, TagNotFound, UsageError
+from puzzlefs.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    LayerError,
+    TagNotFound,
+    UsageError,
+)
 from puzzlefs.format import ROOT_INO, Ino
 from puzzlefs.oci import (
     ANNOTATION_REF_NAME,
@@ -75,10 +81,6 @@ from puzzlefs.oci.layout import MAX_JSON_BLOB, MEDIA_TYPE_INDEX, host_architectu
 from puzzlefs.progress import Progress
 
 __all__ = ["LayerError", "TarStat", "import_image", "read_image_tree"]
-
-
-class LayerError(ImageError):
-    """A source image or one of its tar layers that cannot be imported safely."""
 
 
 MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import zstandard
 
-from puzzlefs.errors import ImageError
+from puzzlefs.errors import ImageError, OptionError
 
 DEFAULT_FRAME_SIZE = 4096
 DEFAULT_LEVEL = 3
@@ -50,12 +50,12 @@ class ZstdOptions:
 
     def __post_init__(self) -> None:
         if not MIN_FRAME_SIZE <= self.frame_size <= MAX_FRAME_DECOMPRESSED:
-            raise ValueError(
+            raise OptionError(
                 f"the zstd frame size must be {MIN_FRAME_SIZE} bytes to"
                 f" {MAX_FRAME_DECOMPRESSED >> 20}M, got {self.frame_size}"
             )
         if not 1 <= self.level <= MAX_LEVEL:
-            raise ValueError(f"the zstd level must be 1 to {MAX_LEVEL}, got {self.level}")
+            raise OptionError(f"the zstd level must be 1 to {MAX_LEVEL}, got {self.level}")
 
 
 REFERENCE_ZSTD = ZstdOptions()
