@@ -19,7 +19,7 @@ from puzzlefs.errors import (
     BlobNotFound,
     ImageError,
     MetadataError,
-    PuzzleFSError,
+    NotFound,
     VerityMismatch,
 )
 from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
@@ -45,12 +45,6 @@ BLOB_CACHE_BYTES = 128 * 1024 * 1024
 # Decompressed zstd frames at the edges of recent reads (see SeekableBlob.read).
 FRAME_CACHE_BYTES = 16 * 1024 * 1024
 MEASURE_GIVE_UP = 16
-
-
-class NotFound(PuzzleFSError, KeyError):
-    """A name or inode that does not exist (or was deleted by a whiteout)."""
-
-    errno = 2  # ENOENT
 
 
 def is_valid_name(name: bytes) -> bool:
