@@ -119,8 +119,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
-
+    from puzzlefs._files import atomic_output
     from puzzlefs.export import export_tar
     from puzzlefs.reader import open_image
 
@@ -130,17 +129,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_tar(image, sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return 0
-    out = Path(args.out)
-    # A temporary file beside the target, renamed into place: no half-written tar.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            export_tar(image, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(args.out) as f:  # no half-written tar, ever
+        export_tar(image, f)
     return 0
 
 

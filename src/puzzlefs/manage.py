@@ -148,7 +148,9 @@ def gc(layout: ImageLayout, *, dry_run: bool = False) -> GcReport:
                 if not dry_run:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
-        for leftover in layout.path.glob(".index.json.tmp-*"):
+        # index.json's temporary files (puzzlefs._files; older versions' names too)
+        leftovers = [*layout.path.glob(".tmp-index.json-*"), *layout.path.glob(".index.json.tmp-*")]
+        for leftover in leftovers:
             report.temporary += 1
             if not dry_run:
                 with contextlib.suppress(FileNotFoundError):
