@@ -44,6 +44,8 @@ OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 EMPTY_CONFIG_BYTES = b"{}"
 MAX_JSON_BLOB = 64 * 1024 * 1024
 MAX_LAYOUT_FILE = 64 * 1024  # oci-layout: one small object
+# A rootfs is read whole into memory. About 100 bytes per inode: room for ten million.
+MAX_ROOTFS_BLOB = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
