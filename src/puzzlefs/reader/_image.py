@@ -13,17 +13,20 @@ from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
-from puzzlefs.compression import SeekableBlob
+from puzzlefs.compression import MAX_CHUNK_SIZE, SeekableBlob
 from puzzlefs.digest import Digest
 from puzzlefs.errors import (
     BlobNotFound,
+    DigestMismatch,
     ImageError,
     MetadataError,
     NotFound,
+    UnsafeFile,
     VerityMismatch,
 )
 from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
 from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
+from puzzlefs.oci.layout import MAX_ROOTFS_BLOB
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._readahead import Readahead
 from puzzlefs.verity import fsverity_digest, measure_verity
@@ -44,6 +47,7 @@ INODE_CACHE_ENTRIES = 65536
 BLOB_CACHE_BYTES = 128 * 1024 * 1024
 # Decompressed zstd frames at the edges of recent reads (see SeekableBlob.read).
 FRAME_CACHE_BYTES = 16 * 1024 * 1024
+READ_PIECE = 1024 * 1024  # what read_all yields at most at once
 MEASURE_GIVE_UP = 16
 
 
@@ -108,9 +112,14 @@ class Image:
 
     # -- opening ---------------------------------------------------------------------
     def _read_rootfs(self, desc: Descriptor) -> bytes:
-        data = self.layout.blobs.get(desc.digest)
-        if len(data) != desc.size:
-            raise ImageError(f"rootfs blob size {len(data)} does not match manifest ({desc.size})")
+        try:  # the size is checked before the blob is read
+            data = self.layout.blobs.get(desc.digest, size=desc.size, limit=MAX_ROOTFS_BLOB)
+        except BlobNotFound:
+            raise BlobNotFound(f"rootfs blob {desc.digest.hex} is missing") from None
+        except (DigestMismatch, UnsafeFile):
+            raise
+        except ImageError as e:
+            raise ImageError(f"rootfs: {e}") from None
         if self._verify_verity:
             expected = desc.annotations.get(ANNOTATION_VERITY_ROOT)
             if not expected:
@@ -308,9 +317,11 @@ class Image:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read_all(self, inode: Inode) -> Iterator[bytes]:
-        """A file's contents, piece by piece (one per chunk reference)."""
+        """A file's contents, piece by piece: at most ``READ_PIECE`` bytes each, so that
+        memory stays bounded whatever the chunk references say."""
         for chunk in inode.chunks:
-            yield self._read_chunk(chunk, 0, chunk.len)
+            for within in range(0, chunk.len, READ_PIECE):
+                yield self._read_chunk(chunk, within, min(READ_PIECE, chunk.len - within))
 
     def _chunk_starts(self, inode: Inode) -> list[int]:
         starts = self._offsets.get(inode.ino)
@@ -361,8 +372,8 @@ class Image:
         ``--digest`` costs one hash of its bytes, not two.
         """
         digest = Digest.from_raw(raw_digest)
-        try:
-            data = self.layout.blobs.get(digest, verify=False)
+        try:  # a chunk blob is never larger than a chunk: refused before it is read
+            data = self.layout.blobs.get(digest, verify=False, limit=MAX_CHUNK_SIZE)
         except BlobNotFound:
             raise BlobNotFound(f"chunk blob {digest.hex} is missing") from None
         if self._verify_verity and raw_digest not in self._verified:
