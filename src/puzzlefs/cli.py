@@ -261,12 +261,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from puzzlefs.chunking import ChunkParams
+    from puzzlefs.chunking import ChunkParams, parse_size
     from puzzlefs.importer import import_image
 
     src_dir, src_tag = _image_ref(args.source)
     oci_dir, tag = _image_ref(args.image)
     params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else None
+    max_layer = parse_size(args.max_layer_size) if args.max_layer_size is not None else None
     result = import_image(
         src_dir,
         src_tag,
@@ -275,6 +276,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         compress=_compression(args),
         params=params,
         tmp_dir=args.tmpdir,
+        max_layer_size=max_layer,
         progress=True,
     )
     print(f"puzzlefs image manifest digest: {result.manifest_verity}")
@@ -437,6 +439,13 @@ def _parser() -> argparse.ArgumentParser:
         "--tmpdir",
         metavar="DIR",
         help="where to spool the uncompressed layers (default: $TMPDIR, else /var/tmp)",
+    )
+    i.add_argument(
+        "--max-layer-size",
+        metavar="SIZE",
+        help="refuse a layer that expands to more than SIZE uncompressed (sparse files"
+        " at their full size), e.g. 10G; default: what the spool's filesystem has free"
+        " (the spool never takes more than that, less a reserve, in any case)",
     )
     i.set_defaults(func=cmd_import)
     return p

@@ -53,11 +53,11 @@ class ChunkParams:
 
 
 def parse_size(text: str) -> int:
-    """``65536``, ``64K``, ``64KiB``, ``1M``: a size in bytes."""
-    m = re.fullmatch(r"(\d+)([KkMm]?)(?:i?B)?", text.strip())
+    """``65536``, ``64K``, ``64KiB``, ``1M``, ``10G``: a size in bytes."""
+    m = re.fullmatch(r"(\d+)([KkMmGgTt]?)(?:i?B)?", text.strip())
     if not m:
         raise UsageError(f"not a size: {text!r}")
-    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(m.group(1)) * scale
 
 
