@@ -458,6 +458,9 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM and SIGHUP unwind like Ctrl-C: a build stops its workers, an extract
     # or export removes what it wrote, and the exit code says which signal it was.
+    # (The entry point, puzzlefs.__main__, leaves SIGINT at its default action until
+    # here: now it becomes KeyboardInterrupt, caught below.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
     try:
