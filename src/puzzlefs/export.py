@@ -15,6 +15,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from puzzlefs._limits import MAX_MAJOR, MAX_MINOR, device_in_range
 from puzzlefs.errors import MetadataError
 from puzzlefs.format import Inode, Kind
 from puzzlefs.reader import Image
@@ -122,6 +123,13 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
                 elif inode.kind is Kind.LNK:
                     info.linkname = os.fsdecode(inode.symlink_target or b"")
                 elif inode.kind in (Kind.CHR, Kind.BLK):
+                    if not device_in_range(inode.major, inode.minor):
+                        # (nor could tar hold it: its fields stop at 2^21 - 1)
+                        raise MetadataError(
+                            f"{name}: device {inode.major}:{inode.minor} is beyond what"
+                            f" Linux can create (majors up to {MAX_MAJOR}, minors up to"
+                            f" {MAX_MINOR})"
+                        )
                     info.devmajor, info.devminor = inode.major, inode.minor
             tar.addfile(info, fileobj)
     if warn:
