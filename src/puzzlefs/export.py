@@ -104,12 +104,17 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
             info.uid, info.gid = inode.uid, inode.gid
             info.uname = info.gname = ""
             info.mode = inode.permissions
-            info.pax_headers = {
-                "SCHILY.xattr." + key.decode("utf-8", "surrogateescape"): value.decode(
-                    "utf-8", "surrogateescape"
-                )
-                for key, value in inode.xattrs
-            }
+            info.pax_headers = {}
+            for key, value in inode.xattrs:
+                try:  # a pax keyword is UTF-8 (its value may be any bytes)
+                    keyword = "SCHILY.xattr." + key.decode("utf-8")
+                except UnicodeDecodeError:
+                    warnings.append(
+                        f"{name}: xattr {key!r} has a name that is not UTF-8, which a tar"
+                        " cannot hold; left out"
+                    )
+                    continue
+                info.pax_headers[keyword] = value.decode("utf-8", "surrogateescape")
             fileobj = None
             if inode.kind is Kind.FILE and inode.ino in first_path:
                 info.type = tarfile.LNKTYPE
