@@ -237,12 +237,16 @@ def _parse_seek_table(blob: memoryview) -> list[tuple[int, int]]:
     ]
     if sum(c for c, _ in sizes) != skip_start:
         raise ImageError("seek table does not match the compressed chunk's length")
-    if any(d > MAX_FRAME_DECOMPRESSED for _, d in sizes):
-        raise ImageError("seek table claims an oversized frame")
+    largest = max((d for _, d in sizes), default=0)
+    if largest > MAX_FRAME_DECOMPRESSED:
+        raise ImageError(
+            f"seek table declares a frame of {largest} bytes, more than a chunk can be"
+            f" ({MAX_CHUNK_SIZE})"
+        )
     total = sum(d for _, d in sizes)
     if total > MAX_CHUNK_SIZE:
         raise ImageError(
-            f"seek table declares a {total}-byte chunk, more than a chunk can be"
+            f"seek table declares a chunk of {total} bytes, more than a chunk can be"
             f" ({MAX_CHUNK_SIZE})"
         )
     return sizes
