@@ -336,8 +336,12 @@ class RootfsReader:
 
 
 def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
+    """The reason alone: a KjException's description, without the source location in
+    front of it or the lines of stack addresses after it."""
+    description = getattr(e, "description", None)
+    text = description if isinstance(description, str) and description else str(e)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("stack:")]
+    return lines[-1] if lines else type(e).__name__
 
 
 # What the fields a reader uses may hold (the schema's types allow more): what a
