@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import stat
 import tarfile
@@ -90,7 +89,7 @@ from puzzlefs.oci import (
     ImageLayout,
     Manifest,
 )
-from puzzlefs.oci.layout import MAX_JSON_BLOB, MEDIA_TYPE_INDEX, host_architecture
+from puzzlefs.oci.layout import MAX_JSON_BLOB, MEDIA_TYPE_INDEX, host_architecture, load_json
 from puzzlefs.progress import Progress
 
 __all__ = ["LayerError", "TarStat", "import_image", "read_image_tree"]
@@ -164,12 +163,9 @@ def _read_blob(layout: ImageLayout, desc: Descriptor, what: str) -> bytes:
 def _read_json_blob(layout: ImageLayout, desc: Descriptor, what: str) -> dict[str, Any]:
     data = _read_blob(layout, desc, what)
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LayerError(f"{what} {desc.digest} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise LayerError(f"{what} {desc.digest} is not a JSON object")
-    return obj
+        return load_json(data, f"{what} {desc.digest}")
+    except ImageError as e:  # not JSON, not an object, nested too deeply
+        raise LayerError(str(e)) from None
 
 
 def _platform_of(desc: Descriptor) -> str:

@@ -13,7 +13,6 @@ is refused: their tags cannot be seen from here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError, PuzzleFSError, TagNotFound, UsageError
 from puzzlefs.format import Kind, RootfsReader
 from puzzlefs.oci import MEDIA_TYPE_ROOTFS, Descriptor, ImageLayout
-from puzzlefs.oci.layout import MAX_JSON_BLOB
+from puzzlefs.oci.layout import MAX_JSON_BLOB, MAX_ROOTFS_BLOB, load_json
 
 __all__ = ["GcReport", "gc", "reachable_blobs", "remove_tags"]
 
@@ -96,18 +95,12 @@ def _reach(layout: ImageLayout, desc: Descriptor, keep: set[str], depth: int) ->
 def _json_blob(layout: ImageLayout, desc: Descriptor) -> dict[str, Any]:
     if desc.size > MAX_JSON_BLOB:
         raise ImageError(f"manifest {desc.digest} is implausibly large ({desc.size} bytes)")
-    data = layout.blobs.get(desc.digest)
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ImageError(f"manifest {desc.digest} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise ImageError(f"manifest {desc.digest} is not a JSON object")
-    return obj
+    data = layout.blobs.get(desc.digest, size=desc.size)  # size checked before reading
+    return load_json(data, f"manifest {desc.digest}")  # ImageError, nesting included
 
 
 def _reach_rootfs(layout: ImageLayout, desc: Descriptor, keep: set[str]) -> None:
-    reader = RootfsReader(layout.blobs.get(desc.digest))
+    reader = RootfsReader(layout.blobs.get(desc.digest, size=desc.size, limit=MAX_ROOTFS_BLOB))
     keep.update(raw.hex() for raw in reader.verity())
     for layer in range(reader.layer_count):
         for inode in reader.layer(layer):

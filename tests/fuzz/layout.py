@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ def copy_layout(seed: Path, dest: Path) -> None:
         os.link(src / name, blobs / name)
 
 
+def read_file(path: Path) -> bytes:
+    """A regular file's bytes; OSError for anything else (a FIFO an earlier mutation
+    made must not hang the fuzzer itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 64 << 20:
+            raise OSError(f"{path} is not a small regular file")
+        return os.read(fd, st.st_size + 1)
+    finally:
+        os.close(fd)
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """New contents in a new inode (the old one may be shared with the seed)."""
     if path.is_symlink() or path.exists():
@@ -52,7 +66,7 @@ class CaseLayout:
 
     # -- reading the pristine structure ------------------------------------------------
     def index(self) -> dict[str, Any]:
-        obj: dict[str, Any] = json.loads((self.path / "index.json").read_bytes())
+        obj: dict[str, Any] = json.loads(read_file(self.path / "index.json"))
         return obj
 
     def tag_entry(self, index: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +103,7 @@ class CaseLayout:
         return RootfsReader(self.read(self.rootfs_hex())).decode()
 
     def read(self, hexd: str) -> bytes:
-        return (self.blobs / hexd).read_bytes()
+        return read_file(self.blobs / hexd)
 
     # -- writing ----------------------------------------------------------------------
     def put(self, data: bytes) -> str:

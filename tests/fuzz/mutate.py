@@ -20,7 +20,7 @@ from typing import Any
 
 from puzzlefs.format import BlobRef, DirEntry, FileChunk, Ino, Inode, Kind, Rootfs, encode_rootfs
 
-from .layout import CaseLayout, replace_file
+from .layout import CaseLayout, read_file, replace_file
 
 INTERESTING_8 = [0x00, 0x01, 0x7F, 0x80, 0xFF]
 INTERESTING_32 = [0, 1, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 4096, 1 << 20, 1 << 30]
@@ -392,7 +392,7 @@ def _fixed(rng: random.Random) -> bool:
 
 
 def m_index(case: CaseLayout, rng: random.Random, canary: Path) -> str:
-    data = (case.path / "index.json").read_bytes()
+    data = read_file(case.path / "index.json")
     new, what = mutate_json(data, rng) if rng.random() < 0.6 else mutate_bytes(data, rng)
     case.set_index(new)
     return f"index.json {what}"
@@ -402,7 +402,7 @@ def m_oci_layout(case: CaseLayout, rng: random.Random, canary: Path) -> str:
     path = case.path / "oci-layout"
     if rng.random() < 0.5:
         return "oci-layout " + make_kind(path, rng.choice(FILE_KINDS))
-    new, what = mutate_json(path.read_bytes(), rng)
+    new, what = mutate_json(read_file(path), rng)
     replace_file(path, new)
     return f"oci-layout {what}"
 

@@ -259,6 +259,12 @@ def _reader_case(
     layout = CaseLayout(oci, seed.tag)
     rng = random.Random(f"{task.seed}/{task.index}")
     result.what = f"{task.image}: " + mutate.TARGETS[task.target][1](layout, rng, canary)
+    if rng.random() < 0.15:  # a second change, anywhere (it may find the first in its way)
+        second = mutate.pick_target(rng)
+        try:
+            result.what += "; then " + mutate.TARGETS[second][1](layout, rng, canary)
+        except Exception as e:
+            result.what += f"; then {second}: not applicable ({type(e).__name__})"
     if verbose:
         print(f"case {task.index}: {result.what}", flush=True)
     before, tags = snapshot(oci), _tags(oci)
