@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from puzzlefs.digest import Digest
@@ -122,25 +123,24 @@ def gc(layout: ImageLayout, *, dry_run: bool = False) -> GcReport:
             keep = reachable_blobs(layout)
         except PuzzleFSError as e:
             raise ImageError(f"gc refuses to run: {e} (fix or remove that tag first)") from None
-        with os.scandir(blob_dir) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".tmp-"):  # a killed writer's (none runs now)
-                    report.temporary += 1
-                    if not dry_run:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-                    continue
-                if name in keep:
-                    report.kept += 1
-                    continue
-                if not _is_blob_name(name) or not entry.is_file(follow_symlinks=False):
-                    continue  # not ours to judge
-                report.removed.append(name)
-                report.freed += entry.stat(follow_symlinks=False).st_size
+        for entry in _entries(blob_dir):
+            name = entry.name
+            if name.startswith(".tmp-"):  # a killed writer's (none runs now)
+                report.temporary += 1
                 if not dry_run:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
+                continue
+            if name in keep:
+                report.kept += 1
+                continue
+            if not _is_blob_name(name) or not entry.is_file(follow_symlinks=False):
+                continue  # not ours to judge
+            report.removed.append(name)
+            report.freed += entry.stat(follow_symlinks=False).st_size
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
         # index.json's temporary files (puzzlefs._files; older versions' names too)
         leftovers = [*layout.path.glob(".tmp-index.json-*"), *layout.path.glob(".index.json.tmp-*")]
         for leftover in leftovers:
@@ -150,6 +150,14 @@ def gc(layout: ImageLayout, *, dry_run: bool = False) -> GcReport:
                     leftover.unlink()
     report.removed.sort()
     return report
+
+
+def _entries(blob_dir: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(blob_dir) as it:
+            return list(it)
+    except FileNotFoundError:  # no store: no blob to remove
+        return []
 
 
 def _is_blob_name(name: str) -> bool:

@@ -278,6 +278,10 @@ def _reader_case(
             ["extract", ref, str(case / "out")] + (["--digest", digest] if use_digest else []),
         ),
         ("export", ["export", ref, str(case / "out.tar")]),
+        # and what reads the whole store: nothing may change it (gc only says)
+        ("tags", ["tags", "--json", str(oci)]),
+        ("du", ["du", str(oci)]),
+        ("gc", ["gc", "--dry-run", str(oci)]),
     ]
     for name, argv in commands:
         if verbose:

@@ -157,7 +157,11 @@ class DiskBlobStore(BlobStore):
 
     @contextlib.contextmanager
     def collecting(self, *, wait: bool = True) -> Iterator[bool]:
-        self._ensure_root()
+        if not self.root.is_dir():
+            # No store yet: nothing to collect, and nothing to create (gc --dry-run
+            # changes nothing); a writer that makes it meanwhile has nothing to fear.
+            yield True
+            return
         with flocked(self.root, wait=wait) as locked:
             yield locked
 
