@@ -340,7 +340,10 @@ class Image:
                 f"{chunk.blob.digest.hex()} ({blob_size} bytes)"
             )
         if isinstance(blob, SeekableBlob):
-            return blob.read(start, n, self._frames, chunk.blob.digest)
+            try:
+                return blob.read(start, n, self._frames, chunk.blob.digest)
+            except ImageError as e:  # a corrupt frame: say which blob
+                raise ImageError(f"chunk blob {chunk.blob.digest.hex()}: {e}") from None
         return blob[start : start + n]
 
     def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
@@ -350,7 +353,10 @@ class Image:
             return cached
         self._readahead.loading(raw_digest)
         data = self._fetch(raw_digest)
-        value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
+        try:
+            value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
+        except ImageError as e:  # its seek table: say which blob
+            raise ImageError(f"chunk blob {raw_digest.hex()}: {e}") from None
         self._blobs.put(raw_digest, value)
         return value
 
