@@ -3,11 +3,14 @@ reads that trust nothing in a layout."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,34 @@ def test_read_regular_refuses_at_once(tmp_path: Path, kind: str) -> None:
     with pytest.raises(UnsafeFile, match="index.json is .*not a regular file"):
         read_regular(p, "index.json")
     assert time.monotonic() - start < 5
+
+
+@pytest.fixture()
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, filled up but for a few blocks."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        (mnt / "index.json").write_bytes(b'{"old": true}')
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, bytes(4096))
+        os.close(fd)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
+def test_a_full_disk_keeps_the_old_file_whole(full_disk: Path, unnamed: bool) -> None:
+    d = AtomicDir(full_disk)
+    d.unnamed = unnamed
+    with pytest.raises(OSError) as info:
+        d.write("index.json", b"x" * (1 << 20))
+    assert info.value.errno == errno.ENOSPC
+    assert (full_disk / "index.json").read_bytes() == b'{"old": true}'
+    assert sorted(os.listdir(full_disk)) == ["filler", "index.json"]
