@@ -234,7 +234,7 @@ class AtomicDir:
             os.fsync(fd)
         os.fchmod(fd, mode)  # whatever the umask
         if tmp is None:
-            tmp = self._link_unnamed(dir_fd, fd, name if keep_existing else None, mode)
+            tmp = self._link_unnamed(dir_fd, fd, name, keep_existing, mode)
             if tmp is None:
                 return False  # keep_existing, and it existed
             if tmp == name:
@@ -252,20 +252,22 @@ class AtomicDir:
             os.fsync(dir_fd)
         return True
 
-    def _link_unnamed(self, dir_fd: int, fd: int, final: str | None, mode: int) -> str | None:
-        """Give the unnamed file ``fd`` a name: ``final`` itself (None if it exists),
-        or with ``final=None`` a temporary name for the caller to rename. Where the
-        link cannot be made (no /proc, a filesystem that refuses it), the bytes are
-        copied into a named temporary file instead, and the directory is remembered
-        as one without O_TMPFILE."""
-        target = final if final is not None else self._tmp_name("replace")
+    def _link_unnamed(
+        self, dir_fd: int, fd: int, name: str, keep_existing: bool, mode: int
+    ) -> str | None:
+        """Give the unnamed file ``fd`` a name: with ``keep_existing``, ``name`` itself
+        (None if it exists); else the temporary name for the caller to rename. Where
+        the link cannot be made (no /proc, a filesystem that refuses it), the bytes
+        are copied into a named temporary file instead, and the directory is
+        remembered as one without O_TMPFILE."""
+        target = name if keep_existing else self._tmp_name(name)
         try:
             # A dir_fd makes Python use linkat(), which can follow the /proc link
             # (plain link() would try to link the symlink itself).
             os.link(f"/proc/self/fd/{fd}", target, dst_dir_fd=dir_fd, follow_symlinks=True)
             return target
         except FileExistsError:
-            if final is not None:
+            if keep_existing:
                 return None  # another writer stored the same name first
             os.unlink(target, dir_fd=dir_fd)  # a dead process's (as in _open_named)
             os.link(f"/proc/self/fd/{fd}", target, dst_dir_fd=dir_fd, follow_symlinks=True)
@@ -274,7 +276,7 @@ class AtomicDir:
             if e.errno not in _NO_TMPFILE:
                 raise
         self.unnamed = False
-        copy_fd, tmp = self._open_named(dir_fd, final or "replace", mode)
+        copy_fd, tmp = self._open_named(dir_fd, name, mode)
         try:
             size = os.fstat(fd).st_size
             done = 0
