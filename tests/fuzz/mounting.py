@@ -49,9 +49,31 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "puzzlefs", *args]
 
 
-def _env() -> dict[str, str]:
+MARKER = "PUZZLEFS_FUZZ_CASE"  # in the environment of everything a case's mount starts
+
+
+def _env(case: Path) -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=f"{runner.SRC}:{path}" if path else runner.SRC)
+    src = f"{runner.SRC}:{path}" if path else runner.SRC
+    return dict(os.environ, PYTHONPATH=src, **{MARKER: os.path.realpath(case)})
+
+
+def marked_processes(case: Path) -> list[int]:
+    """Processes started for this case's mount (the daemon, its helpers), found by the
+    marker in their environment, which they inherit."""
+    marker = f"{MARKER}={os.path.realpath(case)}".encode()
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ:
+            pids.append(int(pid))
+    return pids
 
 
 def mount_and_read(ref: str, case: Path, result: runner.Result, digest: str | None) -> None:
@@ -63,7 +85,7 @@ def mount_and_read(ref: str, case: Path, result: runner.Result, digest: str | No
         argv += ["--digest", digest]
     try:
         proc = subprocess.run(
-            _cli(*argv), capture_output=True, text=True, timeout=30, env=_env(), check=False
+            _cli(*argv), capture_output=True, text=True, timeout=30, env=_env(case), check=False
         )
     except subprocess.TimeoutExpired:
         result.add("mount", runner.HANG, "puzzlefs mount did not return within 30s")
@@ -80,13 +102,24 @@ def mount_and_read(ref: str, case: Path, result: runner.Result, digest: str | No
         return
     worst = _walk(mnt, result)
     proc = subprocess.run(
-        _cli("umount", str(mnt)), capture_output=True, text=True, timeout=30, env=_env()
+        _cli("umount", str(mnt)), capture_output=True, text=True, timeout=30, env=_env(case)
     )
     if proc.returncode != 0:
         got, message = runner.classify("umount", proc.returncode, proc.stdout, proc.stderr, None)
         if worst == runner.CRASH and got == runner.CLEAN:
             got = runner.ACCEPTED  # a dead daemon's mount: already counted as a crash
         result.add("umount", runner.INTERNAL if got == runner.CLEAN else got, message)
+        force_unmount_under(case)
+    deadline = time.monotonic() + 5
+    while (left := marked_processes(case)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        cmdlines = []
+        for pid in left:
+            with contextlib.suppress(OSError):
+                cmdlines.append(Path(f"/proc/{pid}/cmdline").read_bytes()[:80])
+        result.add("processes", runner.LEFTOVER, f"left running after umount: {cmdlines}")
+        worst = runner.LEFTOVER
         force_unmount_under(case)
     logged = log.read_text(errors="replace") if log.exists() else ""
     if "Traceback" in logged or "unexpectedly" in logged:
@@ -187,17 +220,8 @@ def force_unmount_under(case: Path) -> None:
         with contextlib.suppress(OSError):
             Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    marker = os.fsencode(os.path.realpath(case))
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if marker in cmdline and b"puzzlefs" in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+    for pid in marked_processes(case):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     if mounts:
         time.sleep(0.05)

@@ -41,6 +41,7 @@ MISSING_BLOB = "missing blobs"
 STORE_CHANGED = "store changed"
 FD_LEAK = "leaked descriptors"
 EXTRACT_REFUSED = "imported, then extract refused"
+LEFTOVER = "processes left behind"
 OUTCOMES = [
     ACCEPTED,
     CLEAN,
@@ -53,6 +54,7 @@ OUTCOMES = [
     MISSING_BLOB,
     STORE_CHANGED,
     FD_LEAK,
+    LEFTOVER,
     EXTRACT_REFUSED,
 ]
 BAD = set(OUTCOMES) - {ACCEPTED, CLEAN}

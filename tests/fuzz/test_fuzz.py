@@ -13,9 +13,7 @@ from .__main__ import CI_CASES, CI_IMPORT_SHARE, CI_MOUNT_EVERY, CI_SEED
 def test_fuzz_ci_slice(tmp_path: Path) -> None:
     start = time.monotonic()
     env = runner.prepare(tmp_path / "work")
-    tasks = runner.plan(
-        CI_SEED, CI_CASES, mount_every=CI_MOUNT_EVERY, import_share=CI_IMPORT_SHARE
-    )
+    tasks = runner.plan(CI_SEED, CI_CASES, mount_every=CI_MOUNT_EVERY, import_share=CI_IMPORT_SHARE)
     results = runner.run_all(tasks, env, jobs=2)
     print(runner.table(results))
     print(f"{len(results)} cases in {time.monotonic() - start:.0f} s")
