@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 import tarfile
 import tempfile
@@ -114,6 +115,7 @@ _LAYER_TYPES = {
 }
 
 _READ_SIZE = 1 << 20
+_HEX_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _MAX_SYMLINK_HOPS = 40
 _MAX_INDEX_DEPTH = 4
 _WH = b".wh."
@@ -417,6 +419,9 @@ def _spool_layer(
     if source.diff_ids is not None:  # the uncompressed tar is what the config says
         expected = source.diff_ids[i - 1]
         actual = uncompressed.hexdigest() if check_diff_id else desc.digest.hex
+        if not _HEX_DIGEST.fullmatch(expected):
+            shown = expected if len(expected) <= 80 else expected[:72] + "..."
+            raise LayerError(f"{what}: its config diff_id {shown!r} is not a sha256 digest")
         if expected != f"sha256:{actual}":
             raise DigestMismatch(
                 f"{what} uncompressed (config diff_ids)", expected.removeprefix("sha256:"), actual
