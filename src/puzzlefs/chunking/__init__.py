@@ -44,8 +44,7 @@ class ChunkParams:
             and 1024 <= self.max <= 16 * 1024 * 1024
         ):
             raise UsageError(
-                f"chunk sizes out of range: {self} (MIN at most 1M, AVG 256 to 4M,"
-                " MAX 1K to 16M)"
+                f"chunk sizes out of range: {self} (MIN at most 1M, AVG 256 to 4M, MAX 1K to 16M)"
             )
 
     @classmethod
