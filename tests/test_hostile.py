@@ -267,3 +267,18 @@ def test_a_valid_case_is_accepted(seeds: dict[str, Seed], tmp_path: Path) -> Non
     case.set_rootfs_obj(case.rootfs())
     for command in COMMANDS:
         assert _run(command, case, tmp_path)[0] == ACCEPTED
+
+
+def test_messages_stay_on_one_line(seeds: dict[str, Seed], tmp_path: Path) -> None:
+    """A hostile name (here an xattr name with a newline, which extract cannot set)
+    is escaped in the one error line."""
+    case = _case(seeds, "plain", tmp_path)
+    ino = _edit_inode(
+        case,
+        lambda k: k is Kind.FILE,
+        lambda i: setattr(i, "xattrs", [(b"bogus\nname\x1b[31m", b"v")]),
+    )
+    outcome, message = _run("extract", case, tmp_path)
+    assert outcome == CLEAN, message
+    assert "\n" not in message and "\x1b" not in message
+    assert "bogus\\nname\\x1b[31m" in message, (ino, message)

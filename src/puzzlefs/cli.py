@@ -23,6 +23,7 @@ from puzzlefs.errors import (
     PuzzleFSError,
     Terminated,
     UsageError,
+    one_line,
 )
 from puzzlefs.oci import parse_image_ref
 from puzzlefs.progress import Progress
@@ -143,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for p in report.problems or []:
-            print(f"{p.role} {p.blob or '-'}: {p.message}")
+            print(one_line(f"{p.role} {p.blob or '-'}: {p.message}"))
         state = "ok" if report.ok else f"{len(report.problems or [])} problem(s)"
         chain = " and fs-verity chain" if args.digest else ""
         checked = f"{report.checked} blobs, {report.bytes:,} bytes checked (sha256{chain})"
@@ -182,7 +183,7 @@ def cmd_tags(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for t in sorted(tags):
-            print(t)
+            print(one_line(t))
     return 0
 
 
@@ -490,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(e: BaseException, message: str, code: int) -> int:
     if os.environ.get("PUZZLEFS_DEBUG"):
         raise e
-    print(f"Error: {message}", file=sys.stderr)
+    print(f"Error: {one_line(message)}", file=sys.stderr)
     return code
 
 

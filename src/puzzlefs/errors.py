@@ -61,12 +61,21 @@ __all__ = [
     "UsageError",
     "VerityMismatch",
     "VerityUnsupported",
+    "one_line",
 ]
 
 EXIT_ERROR = 1  # what the reference exits with on any error
 EXIT_USAGE = 2  # as argparse
 EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): a bug, never the input's fault
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def one_line(text: str) -> str:
+    """A message as one terminal line: control characters (a newline in a file name
+    or an xattr name from a hostile image), and bytes that are not UTF-8, escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class PuzzleFSError(Exception):

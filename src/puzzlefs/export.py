@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from puzzlefs._limits import MAX_MAJOR, MAX_MINOR, device_in_range
-from puzzlefs.errors import MetadataError
+from puzzlefs.errors import MetadataError, one_line
 from puzzlefs.format import Inode, Kind
 from puzzlefs.reader import Image
 
@@ -139,5 +139,5 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
             tar.addfile(info, fileobj)
     if warn:
         for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            print(f"warning: {one_line(w)}", file=sys.stderr)
     return warnings

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from puzzlefs._limits import MAX_MAJOR, MAX_MINOR, device_in_range
-from puzzlefs.errors import ExtractError, MetadataError
+from puzzlefs.errors import ExtractError, MetadataError, one_line
 from puzzlefs.format import Inode, Kind
 from puzzlefs.progress import Progress
 from puzzlefs.reader import Image, is_valid_name
@@ -267,4 +267,4 @@ def _write_sparse(fd: int, data: bytes, offset: int) -> None:
 
 def warn(stats: ExtractStats) -> None:
     for w in stats.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {one_line(w)}", file=sys.stderr)
