@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from puzzlefs import __version__
-from puzzlefs.errors import PuzzleFSError, Terminated, UsageError
+from puzzlefs.errors import (
+    EXIT_ERROR,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    PuzzleFSError,
+    Terminated,
+    UsageError,
+    one_line,
+)
 from puzzlefs.oci import parse_image_ref
 from puzzlefs.progress import Progress
 
@@ -62,13 +70,10 @@ def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
         return True
     if level is not None and not level.isdigit():
         raise UsageError(f"the zstd level must be a number from 1 to {MAX_LEVEL}, got {level!r}")
-    try:
-        return ZstdOptions(
-            parse_size(frame) if frame is not None else DEFAULT_FRAME_SIZE,
-            int(level) if level is not None else DEFAULT_LEVEL,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    return ZstdOptions(  # raises OptionError, a UsageError
+        parse_size(frame) if frame is not None else DEFAULT_FRAME_SIZE,
+        int(level) if level is not None else DEFAULT_LEVEL,
+    )
 
 
 def _add_mtimes_option(p: argparse.ArgumentParser) -> None:
@@ -145,8 +150,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
-
+    from puzzlefs._files import atomic_output
     from puzzlefs.export import export_tar
     from puzzlefs.reader import open_image
 
@@ -158,17 +162,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_tar(image, sys.stdout.buffer, progress=progress)
         sys.stdout.buffer.flush()
         return 0
-    out = Path(args.out)
-    # A temporary file beside the target, renamed into place: no half-written tar.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            export_tar(image, f, progress=progress)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(args.out) as f:  # no half-written tar, ever
+        export_tar(image, f, progress=progress)
     return 0
 
 
@@ -183,7 +178,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for p in report.problems or []:
-            print(f"{p.role} {p.blob or '-'}: {p.message}")
+            print(one_line(f"{p.role} {p.blob or '-'}: {p.message}"))
         state = "ok" if report.ok else f"{len(report.problems or [])} problem(s)"
         chain = " and fs-verity chain" if args.digest else ""
         checked = f"{report.checked} blobs, {report.bytes:,} bytes checked (sha256{chain})"
@@ -317,7 +312,7 @@ def cmd_tags(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for t in sorted(tags):
-            print(t)
+            print(one_line(t))
     return 0
 
 
@@ -409,12 +404,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from puzzlefs.chunking import ChunkParams
+    from puzzlefs.chunking import ChunkParams, parse_size
     from puzzlefs.importer import import_image
 
     src_dir, src_tag = _image_ref(args.source)
     oci_dir, tag = _image_ref(args.image)
     params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else None
+    max_layer = parse_size(args.max_layer_size) if args.max_layer_size is not None else None
     result = import_image(
         src_dir,
         src_tag,
@@ -423,6 +419,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         compress=_compression(args),
         params=params,
         tmp_dir=args.tmpdir,
+        max_layer_size=max_layer,
         progress=True,
         mtimes=not args.no_mtimes,
     )
@@ -787,6 +784,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to spool the uncompressed layers (default: $TMPDIR, else /var/tmp)",
     )
+    i.add_argument(
+        "--max-layer-size",
+        metavar="SIZE",
+        help="refuse a layer that expands to more than SIZE uncompressed (sparse files"
+        " at their full size), e.g. 10G; default: what the spool's filesystem has free"
+        " (the spool never takes more than that, less a reserve, in any case)",
+    )
     return p
 
 
@@ -804,6 +808,9 @@ class _Warnings(logging.Handler):
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM and SIGHUP unwind like Ctrl-C: a build stops its workers, an extract
     # or export removes what it wrote, and the exit code says which signal it was.
+    # (The entry point, puzzlefs.__main__, leaves SIGINT at its default action until
+    # here: now it becomes KeyboardInterrupt, caught below.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
     root = logging.getLogger()
@@ -823,23 +830,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        return _fail(e, f"{e.strerror or e}{where}", 1)
+        return _fail(e, f"{e.strerror or e}{where}", EXIT_ERROR)
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Terminated as e:
         print(f"Error: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a bug: still one line, the traceback on request
         return _fail(
-            e, f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)", 70
+            e,
+            f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)",
+            EXIT_INTERNAL,
         )
 
 
 def _fail(e: BaseException, message: str, code: int) -> int:
     if os.environ.get("PUZZLEFS_DEBUG"):
         raise e
-    print(f"Error: {message}", file=sys.stderr)
+    print(f"Error: {one_line(message)}", file=sys.stderr)
     return code
 
 

@@ -15,7 +15,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from puzzlefs.errors import MetadataError
+from puzzlefs._limits import MAX_MAJOR, MAX_MINOR, device_in_range
+from puzzlefs.errors import MetadataError, one_line
 from puzzlefs.format import Inode, Kind
 from puzzlefs.progress import Progress
 from puzzlefs.reader import Image
@@ -107,12 +108,17 @@ def export_tar(
             info.uid, info.gid = inode.uid, inode.gid
             info.uname = info.gname = ""
             info.mode = inode.permissions
-            info.pax_headers = {
-                "SCHILY.xattr." + key.decode("utf-8", "surrogateescape"): value.decode(
-                    "utf-8", "surrogateescape"
-                )
-                for key, value in inode.xattrs
-            }
+            info.pax_headers = {}
+            for key, value in inode.xattrs:
+                try:  # a pax keyword is UTF-8 (its value may be any bytes)
+                    keyword = "SCHILY.xattr." + key.decode("utf-8")
+                except UnicodeDecodeError:
+                    warnings.append(
+                        f"{name}: xattr {key!r} has a name that is not UTF-8, which a tar"
+                        " cannot hold; left out"
+                    )
+                    continue
+                info.pax_headers[keyword] = value.decode("utf-8", "surrogateescape")
             if nsec:  # the exact time, as GNU tar writes it in pax
                 info.pax_headers["mtime"] = f"{sec}.{nsec:09d}".rstrip("0")
             fileobj = None
@@ -128,6 +134,13 @@ def export_tar(
                 elif inode.kind is Kind.LNK:
                     info.linkname = os.fsdecode(inode.symlink_target or b"")
                 elif inode.kind in (Kind.CHR, Kind.BLK):
+                    if not device_in_range(inode.major, inode.minor):
+                        # (nor could tar hold it: its fields stop at 2^21 - 1)
+                        raise MetadataError(
+                            f"{name}: device {inode.major}:{inode.minor} is beyond what"
+                            f" Linux can create (majors up to {MAX_MAJOR}, minors up to"
+                            f" {MAX_MINOR})"
+                        )
                     info.devmajor, info.devminor = inode.major, inode.minor
             tar.addfile(info, fileobj)
             if progress and fileobj is not None:
@@ -137,5 +150,5 @@ def export_tar(
         progress.done()
     if warn:
         for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            print(f"warning: {one_line(w)}", file=sys.stderr)
     return warnings

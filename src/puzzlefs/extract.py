@@ -19,7 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from puzzlefs.errors import ExtractError, MetadataError
+from puzzlefs._limits import MAX_MAJOR, MAX_MINOR, device_in_range
+from puzzlefs.errors import ExtractError, MetadataError, one_line
 from puzzlefs.format import Inode, Kind
 from puzzlefs.progress import Progress
 from puzzlefs.reader import Image, is_valid_name
@@ -162,7 +163,15 @@ class _Extractor:
                 Kind.FIFO: stat.S_IFIFO,
                 Kind.SOCK: stat.S_IFSOCK,
             }[kind]
-            dev = os.makedev(inode.major, inode.minor) if kind in (Kind.CHR, Kind.BLK) else 0
+            dev = 0
+            if kind in (Kind.CHR, Kind.BLK):
+                if not device_in_range(inode.major, inode.minor):
+                    raise ExtractError(
+                        f"{os.fsdecode(path)}: device {inode.major}:{inode.minor} is beyond"
+                        f" what Linux can create (majors up to {MAX_MAJOR}, minors up to"
+                        f" {MAX_MINOR})"
+                    )
+                dev = os.makedev(inode.major, inode.minor)
             self._create(dirfd, name, path, lambda: os.mknod(name, fmt | 0o600, dev, dir_fd=dirfd))
         else:
             self.stats.warnings.append(f"{os.fsdecode(path)}: skipped inode of unknown type")
@@ -263,4 +272,4 @@ def _write_sparse(fd: int, data: bytes, offset: int) -> None:
 
 def warn(stats: ExtractStats) -> None:
     for w in stats.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {one_line(w)}", file=sys.stderr)

@@ -49,6 +49,7 @@ from puzzlefs.oci import (
     MEDIA_TYPE_TIMES,
     BlobStore,
     Descriptor,
+    DiskBlobStore,
     ImageLayout,
     Manifest,
 )
@@ -190,6 +191,7 @@ def build(
     workers: int | None = None,
     progress: Progress | None = None,
     mtimes: bool = True,
+    store: DiskBlobStore | None = None,
 ) -> BuildResult:
     """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``, on top of ``base_tag`` if
     given (a delta layer, FORMAT.md §6).
@@ -205,7 +207,8 @@ def build(
     reference's. On any failure every tag stays as it was (index.json is only replaced
     at the very end); chunks already stored stay for ``gc``, as another build may
     rely on them; a layout directory this build created is removed again when no
-    other build is using it.
+    other build is using it. ``store``: a store of ``oci_dir/blobs/sha256`` to use
+    (one that injects faults, for tests).
     """
     tree = walk(os.fsencode(Path(rootfs_dir)))  # before touching the destination
     return build_tree(
@@ -218,6 +221,7 @@ def build(
         workers=workers,
         progress=progress,
         mtimes=mtimes,
+        store=store,
     )
 
 
@@ -232,6 +236,7 @@ def build_tree(
     workers: int | None = None,
     progress: Progress | None = None,
     mtimes: bool = True,
+    store: DiskBlobStore | None = None,
 ) -> BuildResult:
     """Build an already numbered tree (from :func:`walk`, or a tar import)."""
     zstd = _zstd_options(compress)
@@ -240,7 +245,7 @@ def build_tree(
     if base_tag is not None and created:
         raise BuildError(f"{oci_path} does not exist, so it has no base tag {base_tag!r}")
     try:
-        layout = ImageLayout(oci_path, create=True)
+        layout = ImageLayout(oci_path, create=True, blobs=store)
     except OSError as e:
         raise BuildError(f"cannot create {oci_path}: {e.strerror}") from None
     try:

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from puzzlefs._files import atomic_write, read_regular
 from puzzlefs.digest import Digest
 from puzzlefs.errors import (
+    BlobNotFound,
     DigestMismatch,
     ImageError,
     InvalidDigest,
@@ -42,6 +44,9 @@ ANNOTATION_VERITY_ROOT = "io.puzzlefsoci.puzzlefs.puzzlefs_verity_root_hash"
 OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 EMPTY_CONFIG_BYTES = b"{}"
 MAX_JSON_BLOB = 64 * 1024 * 1024
+MAX_LAYOUT_FILE = 64 * 1024  # oci-layout: one small object
+# A rootfs is read whole into memory. About 100 bytes per inode: room for ten million.
+MAX_ROOTFS_BLOB = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,23 +74,47 @@ class Descriptor:
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> Descriptor:
+        """Every field this project uses is checked for its JSON type: a hostile or
+        broken layout gives an ImageError naming the field, never a TypeError later."""
         if not isinstance(obj, dict):
             raise ImageError(f"{where}: descriptor is not a JSON object")
         try:
             media_type = obj["mediaType"]
-            digest = Digest.parse(obj["digest"])
+            digest_text = obj["digest"]
             size = obj["size"]
         except KeyError as e:
             raise ImageError(f"{where}: descriptor lacks {e.args[0]!r}") from None
-        except (InvalidDigest, AttributeError, TypeError) as e:
+        if not isinstance(media_type, str):
+            raise ImageError(f"{where}: mediaType is not a string")
+        if not isinstance(digest_text, str):
+            raise ImageError(f"{where}: digest is not a string")
+        try:
+            digest = Digest.parse(digest_text)
+        except InvalidDigest as e:
             raise ImageError(f"{where}: {e}") from None
-        if not isinstance(media_type, str) or not isinstance(size, int) or size < 0:
-            raise ImageError(f"{where}: malformed descriptor")
-        annotations = obj.get("annotations") or {}
-        if not isinstance(annotations, dict):
-            raise ImageError(f"{where}: annotations are not an object")
+        # bool is an int in Python, not in JSON
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ImageError(f"{where}: size is not a non-negative integer")
+        annotations = string_map(obj.get("annotations"), f"{where}: annotations")
+        platform = obj.get("platform")
+        if platform is not None and not isinstance(platform, dict):
+            raise ImageError(f"{where}: platform is not an object")
         data = obj.get("data")
-        return cls(media_type, digest, size, dict(annotations), obj.get("platform"), data)
+        if data is not None and not isinstance(data, str):
+            raise ImageError(f"{where}: data is not a string")
+        return cls(media_type, digest, size, annotations, platform, data)
+
+
+def string_map(value: Any, where: str) -> dict[str, str]:
+    """An OCI annotations object: string keys to string values (null or absent: {})."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ImageError(f"{where} are not an object")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise ImageError(f"{where}: the value of {k!r} is not a string")
+    return dict(value)
 
 
 # As newer reference versions write it: the empty blob, also inlined as base64 data.
@@ -121,17 +150,16 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
-        obj = _load_json(data, where)
+        obj = load_json(data, where)
         if obj.get("schemaVersion") != 2:
             raise ImageError(f"{where}: schemaVersion is not 2")
         layers = obj.get("layers")
         if not isinstance(layers, list):
             raise ImageError(f"{where}: no layers list")
-        annotations = obj.get("annotations") or {}
         return cls(
             Descriptor.from_json(obj.get("config"), f"{where} config"),
             [Descriptor.from_json(d, f"{where} layer {i}") for i, d in enumerate(layers)],
-            dict(annotations) if isinstance(annotations, dict) else {},
+            string_map(obj.get("annotations"), f"{where}: annotations"),
         )
 
     @property
@@ -155,11 +183,14 @@ class Manifest:
         return [d for d in self.layers if d.media_type in (MEDIA_TYPE_CHUNK, MEDIA_TYPE_CHUNK_ZSTD)]
 
 
-def _load_json(data: bytes, where: str) -> dict[str, Any]:
+def load_json(data: bytes, where: str) -> dict[str, Any]:
+    """A JSON object from untrusted bytes (ImageError for anything else)."""
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise ImageError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise ImageError(f"{where} is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ImageError(f"{where} is not a JSON object")
     return obj
@@ -178,34 +209,39 @@ def parse_image_ref(text: str) -> tuple[Path, str]:
 class ImageLayout:
     """An OCI layout directory. ``create=True`` makes an empty one if needed."""
 
-    def __init__(self, path: Path | str, *, create: bool = False) -> None:
+    def __init__(
+        self, path: Path | str, *, create: bool = False, blobs: DiskBlobStore | None = None
+    ) -> None:
+        """``blobs``: the store to use instead of ``path/blobs/sha256`` itself (a
+        store that injects faults, for tests); it must hold the same directory."""
         self.path = Path(path)
         layout_file = self.path / "oci-layout"
-        if create and not layout_file.exists():
+        if create and not os.path.lexists(layout_file):
             if self.path.exists() and not self.path.is_dir():
                 raise UsageError(f"{self.path} exists and is not a directory")
             (self.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-            _atomic_write(layout_file, OCI_LAYOUT_CONTENT)
+            atomic_write(layout_file, OCI_LAYOUT_CONTENT)
         if not self.path.is_dir():
             raise NotAnOCILayout(f"{self.path}: no such directory")
         try:
-            layout = _load_json(layout_file.read_bytes(), f"{layout_file}")
+            data = read_regular(layout_file, str(layout_file), limit=MAX_LAYOUT_FILE)
         except FileNotFoundError:
             raise NotAnOCILayout(
                 f"{self.path} is not an OCI image layout (no oci-layout)"
             ) from None
+        layout = load_json(data, str(layout_file))
         if not isinstance(layout.get("imageLayoutVersion"), str):
             raise NotAnOCILayout(f"{layout_file}: no imageLayoutVersion")
-        self.blobs = DiskBlobStore(self.path / "blobs" / "sha256")
+        self.blobs = blobs if blobs is not None else DiskBlobStore(self.path / "blobs" / "sha256")
 
     # -- index.json ---------------------------------------------------------------
     def read_index(self) -> dict[str, Any]:
         index_file = self.path / "index.json"
         try:
-            data = index_file.read_bytes()
+            data = read_regular(index_file, str(index_file), limit=MAX_JSON_BLOB)
         except FileNotFoundError:
             return {"schemaVersion": 2, "manifests": []}
-        obj = _load_json(data, str(index_file))
+        obj = load_json(data, str(index_file))
         if not isinstance(obj.get("manifests", []), list):
             raise ImageError(f"{index_file}: manifests is not a list")
         return obj
@@ -230,15 +266,15 @@ class ImageLayout:
         desc = self.resolve(tag)
         if desc.size > MAX_JSON_BLOB:
             raise ImageError(f"manifest of {tag!r} is implausibly large ({desc.size} bytes)")
+        what = f"manifest of {tag!r} (blob {desc.digest.hex})"
         try:
-            data = self.blobs.get(desc.digest)
+            data = self.blobs.get(desc.digest, size=desc.size)
         except DigestMismatch as e:
-            what = f"manifest of {tag!r} (blob {desc.digest.hex})"
             raise DigestMismatch(what, e.expected, e.actual) from None
-        if len(data) != desc.size:
-            raise ImageError(
-                f"manifest of {tag!r}: size {len(data)} does not match index.json ({desc.size})"
-            )
+        except BlobNotFound:
+            raise BlobNotFound(f"{what} is missing") from None
+        except ImageError as e:  # not a regular file, or not the size index.json says
+            raise ImageError(f"manifest of {tag!r}: {e}") from None
         return desc, data, Manifest.from_bytes(data, f"manifest of {tag!r}")
 
     def set_tag(
@@ -275,30 +311,10 @@ class ImageLayout:
         ]
         index["manifests"] = manifests + new
         index["schemaVersion"] = 2
-        _atomic_write(self.path / "index.json", canonical_json(index))
+        atomic_write(self.path / "index.json", canonical_json(index))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """index.json's lock: held while it is read, changed and replaced."""
         with flocked(self.path):
             yield
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
