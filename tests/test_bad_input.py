@@ -237,3 +237,32 @@ def test_unwritable_store_build_fails_cleanly(tmp_path: Path) -> None:
 def test_copy_of_layout_still_fine(image: Path, tmp_path: Path) -> None:
     shutil.copytree(image, tmp_path / "copy")
     assert run("extract", f"{tmp_path}/copy:good", str(tmp_path / "o")).returncode == 0
+
+
+@pytest.mark.parametrize("tag", ["my tag", "-x", "a" * 256, "v1/", "/v1", "a..b", "é"])
+def test_tags_outside_the_oci_grammar_are_refused(tmp_path: Path, tag: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    assert_clean_error(run("build", str(src), f"{tmp_path}/oci:{tag}"), "invalid tag")
+    assert not (tmp_path / "oci").exists()
+
+
+@pytest.mark.parametrize("tag", ["v1", "3.12-slim", "library/debian", "a_b", "x--y", "v1+rc.2"])
+def test_tags_of_the_oci_grammar_are_taken(tmp_path: Path, tag: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    assert run("build", str(src), f"{tmp_path}/oci:{tag}").returncode == 0
+    assert run("tags", str(tmp_path / "oci")).stdout.split() == [tag]
+    assert run("extract", f"{tmp_path}/oci:{tag}", str(tmp_path / "x")).returncode == 0
+
+
+def test_the_legacy_form_only_when_it_cannot_be_a_mistake(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    oops = run("build", str(src), f"{tmp_path}/o:v1", "extra-arg")
+    assert_clean_error(oops, "one argument too many")
+    assert not (tmp_path / "o:v1").exists() and not (tmp_path / "o").exists()
+    assert run("build", str(src), str(tmp_path / "oci"), "v1").returncode == 0
+    assert run("tags", str(tmp_path / "oci")).stdout.split() == ["v1"]

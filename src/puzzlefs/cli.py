@@ -118,7 +118,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     from puzzlefs.chunking import ChunkParams
 
     if args.legacy_tag is not None:  # the seed talk's `build ROOTFS OCI_DIR TAG`
-        oci_dir, tag = Path(args.image), args.legacy_tag
+        if ":" in args.image:
+            raise UsageError(
+                f"one argument too many: {args.image!r} names a tag already "
+                "(give ROOTFS OCI_DIR:TAG, or the older ROOTFS OCI_DIR TAG)"
+            )
+        from puzzlefs.oci.layout import check_tag
+
+        oci_dir, tag = Path(args.image), check_tag(args.legacy_tag)
     else:
         oci_dir, tag = _image_ref(args.image)
     params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
 MEDIA_TYPE_ROOTFS = "application/vnd.puzzlefs.image.rootfs.v1"
 MEDIA_TYPE_CHUNK = "application/vnd.puzzlefs.image.filedata.v1"
 MEDIA_TYPE_CHUNK_ZSTD = "application/vnd.puzzlefs.image.filedata.v1+zstd"
+# image-spec 1.1: a manifest whose config is the empty descriptor names its artifact
+# type. Readers accept manifests with or without it (the reference writes none).
+ARTIFACT_TYPE = "application/vnd.puzzlefs.image.v1"
 MEDIA_TYPE_TIMES = "application/vnd.puzzlefs.image.times.v1"  # ours: puzzlefs.format.times
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_VERITY_ROOT = "io.puzzlefsoci.puzzlefs.puzzlefs_verity_root_hash"
@@ -139,6 +143,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         obj: dict[str, Any] = {
+            "artifactType": ARTIFACT_TYPE,
             "config": self.config.to_json(),
             "layers": [d.to_json() for d in self.layers],
             "mediaType": MEDIA_TYPE_MANIFEST,
@@ -196,14 +201,31 @@ def load_json(data: bytes, where: str) -> dict[str, Any]:
     return obj
 
 
+# The OCI image layout's grammar for ref names (org.opencontainers.image.ref.name):
+# components of letters and digits joined by one of - . _ @ + (or --), separated by /.
+# (':' is allowed there too, but it separates OCI_DIR from TAG on our command line.)
+_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._@+]|--)[A-Za-z0-9]+)*"
+_TAG = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+MAX_TAG = 255
+
+
+def check_tag(tag: str) -> str:
+    """``tag`` if the OCI image layout's grammar allows it (``v1``, ``3.12-slim``,
+    ``library/debian``), else a UsageError saying what a tag may be."""
+    if len(tag) > MAX_TAG or not _TAG.fullmatch(tag):
+        raise UsageError(
+            f"invalid tag {tag!r}: a tag is letters and digits, joined by . _ - @ + and "
+            f"separated by / (as in v1, 3.12-slim, library/debian), at most {MAX_TAG} long"
+        )
+    return tag
+
+
 def parse_image_ref(text: str) -> tuple[Path, str]:
     """Split ``OCI_DIR:TAG`` at the last colon (the reference splits at the only one)."""
     path, sep, tag = text.rpartition(":")
     if not sep or not path or not tag:
         raise UsageError(f"expected OCI_DIR:TAG, got {text!r}")
-    if "/" in tag:
-        raise UsageError(f"invalid tag {tag!r} in {text!r}")
-    return Path(path), tag
+    return Path(path), check_tag(tag)
 
 
 class ImageLayout:
