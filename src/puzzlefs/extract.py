@@ -12,8 +12,10 @@ modes last, deepest first, so a read-only directory can still be filled.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -49,11 +51,14 @@ def extract(
 ) -> ExtractStats:
     """Extract ``image`` into ``dest``, which must not exist or be an empty directory.
 
-    ``owners`` (default: when running as root) restores uid/gid.
+    ``owners`` (default: when running as root) restores uid/gid. On any failure or
+    interruption nothing is left: what was written is removed again (and ``dest``
+    itself, if this call made it), before the error goes on.
     """
     dest_path = Path(dest)
     if owners is None:
         owners = os.geteuid() == 0
+    made = not os.path.lexists(dest_path)
     try:
         dest_path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -62,7 +67,42 @@ def extract(
         raise ExtractError(f"{dest_path} is not a directory")
     if any(dest_path.iterdir()):
         raise ExtractError(f"{dest_path} is not empty")
-    return _Extractor(image, dest_path, owners, progress).run()
+    try:
+        return _Extractor(image, dest_path, owners, progress).run()
+    except BaseException:
+        _remove_written(dest_path, made)
+        raise
+
+
+def _remove_written(dest: Path, made: bool) -> None:
+    """Undo a failed extraction. rmtree works through directory descriptors and never
+    follows a symlink; a directory already given a read-only mode is opened up and
+    tried again."""
+    with contextlib.suppress(OSError):
+        os.chmod(dest, 0o700)
+    if made:
+        _rmtree(str(dest))
+        return
+    with os.scandir(dest) as it:
+        for entry in list(it):
+            if entry.is_dir(follow_symlinks=False):
+                _rmtree(entry.path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def _rmtree(path: str) -> None:
+    def opened_up(func: object, failed: str, exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+                _rmtree(failed)
+            else:
+                os.unlink(failed)
+
+    shutil.rmtree(path, onerror=opened_up)
 
 
 class _Extractor:
