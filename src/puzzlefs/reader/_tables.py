@@ -226,6 +226,12 @@ class Tables:
                 return row
         return None
 
+    def raw_tables(self) -> tuple[Any, int, int, memoryview]:
+        """For the hot loop that packs whole listings (the FUSE readdirplus): the
+        buffer, the offsets of the inode and entry tables (records INODE and ENTRY),
+        and the strings. Read-only."""
+        return self._buf, self._inodes_at, self._entries_at, self._strings
+
     def entries(self, directory: Attr, start: int = 0) -> Iterator[tuple[int, int, bytes]]:
         """(position, child row, name) from position ``start`` on."""
         for i in range(directory.a + start, directory.a + directory.b):
