@@ -34,9 +34,7 @@ def log_handler(log_file: str | None, foreground: bool) -> logging.Handler | Non
     try:
         if not stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
             raise OSError(errno.ENOTSOCK, "not a socket")
-        sh = SysLogHandler(
-            SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON
-        )
+        sh = SysLogHandler(SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
     except OSError:
         print(
             f"warning: no syslog at {SYSLOG_SOCKET}: the mount daemon's messages are "

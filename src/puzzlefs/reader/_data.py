@@ -4,19 +4,34 @@ Every blob is checked before a byte of it is used: against its fs-verity digest 
 rootfs when the image was opened with a digest (the kernel's measurement where the blob
 has fs-verity, computed here otherwise), against its sha256 otherwise. Loaded blobs
 (compressed ones as :class:`~puzzlefs.compression.SeekableBlob`) and decompressed zstd
-frames live in bounded LRU caches; safe to use from several threads.
+frames live in bounded LRU caches; safe to use from several threads, and a blob wanted
+by several at once is loaded once.
+
+With readahead on (a mount), a reader walking the stream also has the next few blobs
+loaded, checked and (compressed ones) decompressed whole by ``PREFETCH_THREADS`` loader
+threads: reading a blob, hashing it and zstd all run outside the GIL, so that work
+moves to the second core while the serving thread answers the kernel. A blob a loader
+fails on is left to the reader that needs it, which then meets the error itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable
 
 from puzzlefs.compression import MAX_CHUNK_SIZE, SeekableBlob
 from puzzlefs.digest import Digest
-from puzzlefs.errors import BlobNotFound, ImageError, MetadataError, VerityMismatch
+from puzzlefs.errors import (
+    BlobNotFound,
+    ImageError,
+    MetadataError,
+    PuzzleFSError,
+    VerityMismatch,
+)
 from puzzlefs.oci import ImageLayout
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._readahead import Readahead
@@ -25,10 +40,15 @@ from puzzlefs.verity import fsverity_digest, measure_verity
 
 __all__ = ["ChunkReader"]
 
+log = logging.getLogger(__name__)
+
 BLOB_CACHE_BYTES = 128 * 1024 * 1024
 # Decompressed zstd frames at the edges of recent reads (see SeekableBlob.read).
 FRAME_CACHE_BYTES = 16 * 1024 * 1024
 MEASURE_GIVE_UP = 16
+PREFETCH_THREADS = 2
+
+_Key = tuple[bytes, bool]  # a blob as it is used: (raw sha256, compressed)
 
 
 class ChunkReader:
@@ -55,9 +75,11 @@ class ChunkReader:
         self._verify_verity = verify_verity
         self._zstd_image = zstd_image  # the manifest's chunk layers say +zstd
         self._verified: set[bytes] = set()
-        self._blobs: LRU[bytes, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
+        self._blobs: LRU[_Key, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
         self._frames: LRU[tuple[bytes, int], bytes] = LRU(FRAME_CACHE_BYTES, len)
-        self._readahead = Readahead(self._blob_path, stream)
+        self._loading: dict[_Key, threading.Event] = {}  # loads under way, by anyone
+        self._readahead = Readahead(self._blob_path, stream, prefetch=self._prefetch)
+        self._queue: queue.SimpleQueue[_Key] | None = None  # the loaders' work
         self._lock = threading.Lock()
         self._measure_misses = 0
 
@@ -79,17 +101,77 @@ class ChunkReader:
 
     def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
         """A chunk blob, verified, decoded for random access, cached."""
-        cached = self._blobs.get(raw_digest)
+        key = (raw_digest, compressed)
+        cached = self._blobs.get(key)
         if cached is not None:
             return cached
-        self._readahead.loading(raw_digest)
-        data = self._fetch(raw_digest, compressed)
+        self._readahead.loading(raw_digest, compressed)
+        loaded = self._load(key, whole=False, wait=True)
+        assert loaded is not None
+        return loaded
+
+    def _load(self, key: _Key, *, whole: bool, wait: bool) -> bytes | SeekableBlob | None:
+        """Load, check and cache a blob, unless another thread is at it: then wait for
+        it (``wait``) or leave it (None). ``whole``: decompress a compressed blob whole
+        (for a sequential reader) rather than frame by frame on demand."""
+        mine = threading.Event()
+        while (other := self._loading.setdefault(key, mine)) is not mine:
+            if not wait:
+                return None
+            other.wait()
+            cached = self._blobs.get(key)
+            if cached is not None:
+                return cached
+            # That load failed: this thread tries, and meets the error itself.
         try:
-            value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
-        except ImageError as e:  # its seek table: say which blob
+            value = self._blobs.get(key)  # cached between the caller's look and now
+            if value is None:
+                value = self._decode(key, self._fetch(*key), whole)
+                self._blobs.put(key, value)
+            return value
+        finally:
+            del self._loading[key]
+            mine.set()
+
+    @staticmethod
+    def _decode(key: _Key, data: bytes, whole: bool) -> bytes | SeekableBlob:
+        raw_digest, compressed = key
+        if not compressed:
+            return data
+        try:
+            blob = SeekableBlob(data)
+            return blob.read_all() if whole else blob
+        except ImageError as e:  # its seek table or a frame: say which blob
             raise ImageError(f"chunk blob {raw_digest.hex()}: {e}") from None
-        self._blobs.put(raw_digest, value)
-        return value
+
+    def _prefetch(self, keys: list[_Key]) -> None:
+        """Have the loaders load these blobs ahead of a sequential reader."""
+        if self._queue is None:
+            with self._lock:
+                if self._queue is None:
+                    work: queue.SimpleQueue[_Key] = queue.SimpleQueue()
+                    for i in range(PREFETCH_THREADS):
+                        threading.Thread(
+                            target=self._loader,
+                            args=(work,),
+                            name=f"puzzlefs-load-{i}",
+                            daemon=True,
+                        ).start()
+                    self._queue = work
+        for key in keys:
+            self._queue.put(key)
+
+    def _loader(self, work: queue.SimpleQueue[_Key]) -> None:
+        while True:
+            key = work.get()
+            if key in self._loading or self._blobs.get(key) is not None:
+                continue
+            try:
+                self._load(key, whole=True, wait=False)
+            except PuzzleFSError as e:  # the reader that needs it will say so
+                log.debug("prefetch of chunk blob %s: %s", key[0].hex(), e)
+            except Exception:
+                log.exception("prefetch of chunk blob %s failed unexpectedly", key[0].hex())
 
     def enable_readahead(self) -> None:
         """Announce the next chunk blobs to the kernel when reads look sequential (for

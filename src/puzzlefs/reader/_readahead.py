@@ -26,31 +26,48 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-MAX_WINDOW = 64  # blobs ahead (64 KiB on average each)
+MAX_WINDOW = 64  # blobs ahead (64 KiB on average each) announced to the kernel
+NEAR = 8  # blobs ahead loaded into memory
+IO_DEPTH = int(
+    os.environ.get("PZ_IO_DEPTH", "8")
+)  # blobs announced at once: the disk works best with several requests in flight
 
 _HELPER = """
-import os, sys
+import os, queue, sys, threading
+todo = queue.SimpleQueue()
+def work():
+    while True:
+        path = todo.get()
+        try:
+            # Never follow a symlink, nor wait on a FIFO, where a blob should be: a
+            # store can hold anything, and a helper stuck in open() would outlive the
+            # mount.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        os.close(fd)
+for _ in range(int(sys.argv[1])):
+    threading.Thread(target=work, daemon=True).start()
 for line in sys.stdin.buffer:
-    try:
-        # Never follow a symlink, nor wait on a FIFO, where a blob should be: a store
-        # can hold anything, and a helper stuck in open() would outlive the mount.
-        fd = os.open(line[:-1], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        continue
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    os.close(fd)
+    todo.put(line[:-1])
 """
 
 
 class Readahead:
+    """``prefetch`` is handed the next ``NEAR`` blobs of a sequential reader (with the
+    compressed flag of the blob being loaded), to have them in memory before they are
+    asked for; the kernel is told of up to ``max_window``."""
+
     def __init__(
         self,
         path: Callable[[bytes], str | None],
         stream: Iterable[bytes],
         *,
+        prefetch: Callable[[list[tuple[bytes, bool]]], None] | None = None,
         max_window: int = MAX_WINDOW,
     ) -> None:
         self._path = path
@@ -62,9 +79,12 @@ class Readahead:
                 self._stream.append(digest)
         self._max_window = max_window
         self._lock = threading.Lock()
+        self._start = threading.Lock()
         self._last = -(1 << 62)  # stream position of the last blob loaded
         self._window = 0
         self._hinted = -1  # blobs up to here were announced
+        self._prefetch = prefetch
+        self._queued = -1  # blobs up to here were handed to prefetch
         self._enabled = False
         self._helper: Any = None  # a subprocess.Popen, started lazily
         self._pipe: int | None = None  # its stdin
@@ -72,37 +92,67 @@ class Readahead:
     def enable(self) -> None:
         self._enabled = True
 
-    def loading(self, digest: bytes) -> None:
-        """A blob is about to be loaded (it was not cached): maybe announce the next."""
+    def loading(self, digest: bytes, compressed: bool = False) -> None:
+        """A blob is about to be loaded (it was not cached): maybe announce the next.
+        Both kinds of hints go out in batches, half a window at a time."""
         if not self._enabled:
             return
         pos = self._index.get(digest)
         if pos is None:
             return
+        near: list[bytes] = []
         with self._lock:
             if 0 < pos - self._last <= max(self._window, 2):
                 self._window = min(max(2 * self._window, 4), self._max_window)
             else:
                 self._window = 0
-                self._hinted = pos
+                self._hinted = self._queued = pos
             self._last = pos
-            start = max(self._hinted + 1, pos + 1)
-            stop = min(pos + 1 + self._window, len(self._stream))
-            if start >= stop:
-                return
-            self._hinted = stop - 1
-            paths = [self._path(d) for d in self._stream[start:stop]]
-            self._send(b"".join(os.fsencode(p) + b"\n" for p in paths if p is not None))
+            window = self._window
+            if self._prefetch is not None and self._queued - pos <= NEAR // 2 and window:
+                start, stop = max(self._queued, pos) + 1, min(pos + 1 + NEAR, len(self._stream))
+                if start < stop:
+                    near = self._stream[start:stop]
+                    self._queued = stop - 1
+            lines = b""
+            if self._hinted - pos <= window // 2:
+                start, stop = max(self._hinted, pos) + 1, min(pos + 1 + window, len(self._stream))
+                if start < stop:
+                    self._hinted = stop - 1
+                    paths = (self._path(d) for d in self._stream[start:stop])
+                    lines = b"".join(os.fsencode(p) + b"\n" for p in paths if p is not None)
+        if near and self._prefetch is not None:
+            self._prefetch([(d, compressed) for d in near])
+        if lines:
+            self._send(lines)
 
     def _send(self, lines: bytes) -> None:
-        if not lines:
+        pipe = self._pipe if self._pipe is not None else self._start_helper()
+        if pipe is None:
             return
-        if self._helper is None:
-            import subprocess  # the first time a sequential reader needs it
+        # Pieces of whole lines, each small enough to be written atomically (two
+        # threads may send at once).
+        while lines:
+            cut = lines.rfind(b"\n", 0, select.PIPE_BUF) + 1 or len(lines)
+            try:
+                os.write(pipe, lines[:cut])
+            except BlockingIOError:
+                return  # the helper is behind: these hints are dropped
+            except OSError:  # the helper is gone: no more readahead
+                self._enabled = False
+                return
+            lines = lines[cut:]
+
+    def _start_helper(self) -> int | None:
+        """The helper's pipe, the helper started the first time a reader needs it."""
+        with self._start:
+            if self._pipe is not None or not self._enabled:
+                return self._pipe
+            import subprocess
 
             try:
                 self._helper = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _HELPER],
+                    [sys.executable, "-I", "-S", "-c", _HELPER, str(IO_DEPTH)],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -110,19 +160,9 @@ class Readahead:
                 )
             except OSError:
                 self._enabled = False
-                return
+                return None
             assert self._helper.stdin is not None
-            self._pipe = self._helper.stdin.fileno()
-            os.set_blocking(self._pipe, False)
-        assert self._pipe is not None
-        # Pieces of whole lines, each small enough to be written atomically.
-        while lines:
-            cut = lines.rfind(b"\n", 0, select.PIPE_BUF) + 1 or len(lines)
-            try:
-                os.write(self._pipe, lines[:cut])
-            except BlockingIOError:
-                return  # the helper is behind: these hints are dropped
-            except OSError:  # the helper is gone: no more readahead
-                self._enabled = False
-                return
-            lines = lines[cut:]
+            pipe: int = self._helper.stdin.fileno()
+            os.set_blocking(pipe, False)
+            self._pipe = pipe
+            return pipe
