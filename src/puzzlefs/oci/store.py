@@ -26,7 +26,7 @@ import hashlib
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from puzzlefs.digest import Digest
@@ -76,6 +76,18 @@ class BlobStore(ABC):
         digest = Digest(hashlib.sha256(data).hexdigest())
         self.put_verified(digest, data)
         return digest
+
+    def put_stream(self, digest: Digest, pieces: Iterable[bytes | memoryview]) -> bool:
+        """Store the bytes of ``pieces`` (a download, say) if their sha256 is
+        ``digest``; raise :class:`DigestMismatch` and store nothing if it is not.
+        False if the blob existed (``pieces`` is then not consumed)."""
+        if self.has(digest):
+            return False
+        data = b"".join(pieces)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest.hex:
+            raise DigestMismatch(f"blob {digest.hex}", digest.hex, actual)
+        return self.put_verified(digest, data)
 
     def get(self, digest: Digest, *, verify: bool = True) -> bytes:
         data = self._read(digest)
@@ -227,6 +239,33 @@ class DiskBlobStore(BlobStore):
             finally:
                 os.close(fd)
             os.replace(tmp, os.path.join(self.root, name))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return True
+
+    def put_stream(self, digest: Digest, pieces: Iterable[bytes | memoryview]) -> bool:
+        """Written to a temporary file as the pieces come (bounded memory, whatever the
+        size), hashed on the way, and renamed into place only if the sha256 matches."""
+        final = os.path.join(self.root, digest.hex)
+        if os.path.exists(final):
+            return False
+        self._ensure_root()
+        tmp = os.path.join(self.root, f".tmp-{digest.hex}-{os.getpid()}-{threading.get_ident()}")
+        h = hashlib.sha256()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                for piece in pieces:
+                    h.update(piece)
+                    _write_all(fd, piece)
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+            if h.hexdigest() != digest.hex:
+                raise DigestMismatch(f"blob {digest.hex}", digest.hex, h.hexdigest())
+            os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
