@@ -16,7 +16,8 @@ from pathlib import Path
 from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError, PuzzleFSError, VerityMismatch
 from puzzlefs.format import Kind, RootfsReader
-from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
+from puzzlefs.oci import ANNOTATION_VERITY_ROOT, MEDIA_TYPE_INDEX, Descriptor, ImageLayout
+from puzzlefs.oci.layout import split_parts
 from puzzlefs.reference_compat import compressed_chunk_size_ok, is_zstd_image, raw_chunk_verity_ok
 from puzzlefs.verity import enable_verity, fsverity_digest_fd, measure_verity
 
@@ -70,8 +71,10 @@ def image_blobs(
     desc = layout.resolve(tag)
     blobs = [_Blob(desc.digest, "manifest", desc.size, verity_digest)]
     try:
-        data = layout.blobs.get(desc.digest)
-        manifest = Manifest.from_bytes(data, f"manifest of {tag!r}")
+        if desc.media_type == MEDIA_TYPE_INDEX:  # an image split into manifest parts
+            parts = split_parts(layout.blobs.get(desc.digest), f"image index of {tag!r}")
+            blobs += [_Blob(p.digest, "manifest", p.size, None) for p in parts]
+        _, _, manifest = layout.read_manifest(tag)
         rootfs_desc = manifest.rootfs
     except PuzzleFSError as e:
         problems.append(Problem(desc.digest.hex, "manifest", str(e)))
