@@ -22,6 +22,7 @@ from puzzlefs.progress import Progress
 
 if TYPE_CHECKING:
     from puzzlefs.compression import ZstdOptions
+    from puzzlefs.registry import ClientOptions
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -299,6 +300,129 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_options(args: argparse.Namespace) -> ClientOptions:
+    from puzzlefs.registry import ClientOptions
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    return ClientOptions(
+        insecure=args.insecure,
+        plain_http=args.plain_http,
+        ca_file=args.ca_cert,
+        authfile=args.authfile,
+        connections=args.jobs,
+    )
+
+
+def _copy(args: argparse.Namespace, src: str, dest: str, verb: str) -> int:
+    from puzzlefs.registry import copy_image, parse_ref
+
+    options = _registry_options(args)
+    source, target = parse_ref(src), parse_ref(dest)
+    report = copy_image(
+        source,
+        target,
+        options,
+        mount_from=getattr(args, "mount_from", None),
+        progress=Progress(verb),
+    )
+    print(f"{target}: {report.summary('copied' if verb == 'copying' else verb[:-3] + 'ed')}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if not args.dest.startswith("docker://"):
+        raise UsageError(f"push goes to docker://HOST/REPO:TAG, got {args.dest!r}")
+    return _copy(args, args.image, args.dest, "pushing")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    if not args.source.startswith("docker://"):
+        raise UsageError(f"pull comes from docker://HOST/REPO:TAG, got {args.source!r}")
+    return _copy(args, args.source, args.image, "pulling")
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    return _copy(args, args.source, args.dest, "copying")
+
+
+def _add_registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the registry's TLS certificate, and use plain http where it "
+        "does not speak TLS",
+    )
+    p.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="speak plain http (without asking, only to loopback registries that have no TLS)",
+    )
+    p.add_argument("--ca-cert", metavar="FILE", help="also trust the CA certificates in FILE")
+    p.add_argument(
+        "--authfile",
+        metavar="FILE",
+        help="credentials (auths of base64 user:password) from FILE instead of "
+        "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, "
+        "~/.config/containers/auth.json, ~/.docker/config.json",
+    )
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests in flight on kept-alive connections (default 16)",
+    )
+
+
+def _add_registry_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ps = sub.add_parser(
+        "push",
+        help="upload an image to a registry",
+        description="Upload OCI_DIR:TAG to a registry: only the blobs it lacks are sent "
+        "(many at a time), then the manifest(s), the tag last.",
+    )
+    ps.add_argument("image", metavar="OCI_DIR:TAG")
+    ps.add_argument("dest", metavar="docker://HOST[:PORT]/REPO[:TAG]")
+    ps.add_argument(
+        "--mount-from",
+        metavar="REPO",
+        help="mount the blobs another repository of the same registry has instead of "
+        "uploading them",
+    )
+    _add_registry_options(ps)
+    ps.set_defaults(func=cmd_push)
+
+    pl = sub.add_parser(
+        "pull",
+        help="download an image from a registry",
+        description="Download an image into OCI_DIR under TAG: every blob is checked "
+        "against its sha256 and stored as soon as it is complete, so an interrupted pull "
+        "run again fetches only what is missing; the tag is set last.",
+    )
+    pl.add_argument("source", metavar="docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    pl.add_argument("image", metavar="OCI_DIR:TAG")
+    _add_registry_options(pl)
+    pl.set_defaults(func=cmd_pull)
+
+    cp = sub.add_parser(
+        "copy",
+        help="copy an image between OCI layouts and registries",
+        description="Copy an image: SRC and DEST are docker://HOST[:PORT]/REPO[:TAG] or "
+        "oci:OCI_DIR:TAG (or OCI_DIR:TAG), as skopeo names them.",
+    )
+    cp.add_argument("source", metavar="SRC")
+    cp.add_argument("dest", metavar="DEST")
+    cp.add_argument(
+        "--mount-from",
+        metavar="REPO",
+        help="to a registry: mount blobs from this repository of it instead of uploading",
+    )
+    _add_registry_options(cp)
+    cp.set_defaults(func=cmd_copy)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="puzzlefs",
@@ -459,6 +583,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where to spool the uncompressed layers (default: $TMPDIR, else /var/tmp)",
     )
     i.set_defaults(func=cmd_import)
+    _add_registry_parsers(sub)
     return p
 
 
