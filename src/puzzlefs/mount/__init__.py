@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from puzzlefs.fuse.filesystem import ImageFS
     from puzzlefs.fuse.session import Connection
     from puzzlefs.mount.daemon import MakeFS
+    from puzzlefs.oci import ImageLayout
 
 __all__ = [
     "FSTYPE",
@@ -79,6 +80,8 @@ def mount(
     init_pipe: str | None = None,
     log_file: str | None = None,
     threads: int = SERVING_THREADS,
+    layout: ImageLayout | None = None,
+    on_live: Callable[[], None] | None = None,
 ) -> None:
     """Mount ``oci_dir:tag`` read-only at ``mountpoint``.
 
@@ -89,6 +92,10 @@ def mount(
     logging to stderr (and to ``log_file`` if given). ``init_pipe``: a FIFO (or file)
     that gets ``s`` once the mount is live, ``f`` if it failed, as the reference
     writes. Raises a :class:`~puzzlefs.errors.PuzzleFSError` (nothing left mounted).
+
+    ``layout``: the layout of ``oci_dir`` to read through, if not a plain one (a
+    registry's lazy cache, :mod:`puzzlefs.registry`); ``on_live`` is called in the
+    serving process once the mount is live (to start its background work there).
     """
     from puzzlefs.mount import daemon, logs
 
@@ -96,7 +103,9 @@ def mount(
     try:
         opts = parse_options(options, oci_dir, tag)
         target = check_mountpoint(mountpoint, allow_nonempty=opts.nonempty)
-        make_fs = _filesystem(Path(os.path.abspath(oci_dir)), tag, verity_digest, opts.allow_root)
+        make_fs = _filesystem(
+            Path(os.path.abspath(oci_dir)), tag, verity_digest, opts.allow_root, layout, on_live
+        )
         handler = logs.log_handler(log_file, foreground)
         if foreground:
             handlers = [handler, logs.stderr_handler()]
@@ -110,7 +119,14 @@ def mount(
         notify.close()
 
 
-def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: bool) -> MakeFS:
+def _filesystem(
+    oci_dir: Path,
+    tag: str,
+    verity_digest: str | None,
+    allow_root: bool,
+    layout: ImageLayout | None = None,
+    started: Callable[[], None] | None = None,
+) -> MakeFS:
     """Open the image now (errors are the caller's); the filesystem object is made in
     the process that serves it."""
     from puzzlefs.fuse.filesystem import ImageFS
@@ -120,7 +136,7 @@ def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: 
     from puzzlefs.reader.index import load_tables
     from puzzlefs.reference_compat import is_zstd_image
 
-    image = OpenedImage(ImageLayout(oci_dir), tag, verity_digest=verity_digest)
+    image = OpenedImage(layout or ImageLayout(oci_dir), tag, verity_digest=verity_digest)
     if image.verify_verity:
         image.rootfs_bytes()  # the chain is checked before anything is mounted
     tables = load_tables(image)
@@ -139,6 +155,8 @@ def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: 
 
         def live(conn: Connection) -> None:
             data.enable_readahead()
+            if started is not None:
+                started()
             on_live(conn)
 
         return ImageFS(tables, data, stored_bytes=stored, on_live=live, allow_uids=allow)
