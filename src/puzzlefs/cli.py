@@ -251,9 +251,38 @@ def cmd_enable_fs_verity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount_remote(args: argparse.Namespace) -> int:
+    from puzzlefs.registry import parse_remote
+    from puzzlefs.registry._mount import mount_remote
+
+    if args.legacy_mountpoint is not None:
+        raise UsageError("mount docker://HOST/REPO:TAG MOUNTPOINT takes one mountpoint")
+    mount_remote(
+        parse_remote(args.image),
+        args.mountpoint,
+        client=_registry_options(args),
+        cache=args.cache_dir,
+        prefetch_all=args.prefetch == "all",
+        prefetch_list=args.prefetch_list,
+        record=args.record,
+        verity_digest=_verity_hex(args.digest),
+        options=args.options,
+        foreground=args.foreground,
+        init_pipe=args.init_pipe,
+        log_file=args.log_file,
+    )
+    return 0
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from puzzlefs.mount import mount
 
+    if args.image.startswith("docker://"):
+        return _mount_remote(args)
+    remote_only = [args.prefetch != "none", args.prefetch_list, args.record, args.cache_dir]
+    if any(remote_only):
+        raise UsageError("--prefetch, --prefetch-list, --record and --cache-dir are for "
+                         "mounts from a registry (docker://HOST/REPO:TAG)")  # fmt: skip
     if args.legacy_mountpoint is not None:  # the seed talk's `mount OCI_DIR TAG MOUNTPOINT`
         oci_dir, tag, mountpoint = Path(args.image), args.mountpoint, args.legacy_mountpoint
     else:
@@ -346,7 +375,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     return _copy(args, args.source, args.dest, "copying")
 
 
-def _add_registry_options(p: argparse.ArgumentParser) -> None:
+def _add_registry_options(p: argparse._ActionsContainer) -> None:
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -552,6 +581,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="append the daemon's log to FILE (default: syslog; with -f: stderr)",
     )
+    reg = m.add_argument_group(
+        "from a registry (docker://HOST[:PORT]/REPO[:TAG])",
+        "The image is live once its metadata is fetched; each chunk is fetched on first "
+        "use (a miss reads ahead) into a local OCI layout, "
+        "$XDG_CACHE_HOME/puzzlefs/registry/HOST/REPO, where later mounts, pulls and "
+        "copies find it. A fetch that keeps failing gives EIO to its reader.",
+    )
+    reg.add_argument(
+        "--prefetch",
+        choices=("none", "all"),
+        default="none",
+        help="all: fetch every chunk in the background (in stream order) once live",
+    )
+    reg.add_argument(
+        "--prefetch-list",
+        metavar="FILE",
+        help="fetch the chunks FILE lists (as --record wrote them) first, in the background",
+    )
+    reg.add_argument(
+        "--record",
+        metavar="FILE",
+        help="append each chunk's digest to FILE the first time a reader uses it",
+    )
+    reg.add_argument("--cache-dir", metavar="DIR", help="instead of the cache directory above")
+    _add_registry_options(reg)
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount a puzzlefs mount")

@@ -51,6 +51,8 @@ from puzzlefs.registry._reference import is_loopback
 __all__ = ["ClientOptions", "Registry", "MANIFEST_ACCEPT"]
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: a mount's log would be all requests.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
