@@ -394,3 +394,23 @@ def test_references_are_checked() -> None:
                 "docker://h/x@sha256:12", "docker:///x", "docker://h/"]:  # fmt: skip
         with pytest.raises(UsageError):
             parse_remote(bad)
+
+
+def test_a_tar_image_through_the_registry_then_import(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Any OCI image moves (tar layers, an index over it): pull, then import."""
+    from test_import import E, make_tar, write_image
+
+    from puzzlefs.importer import import_image
+
+    layers = [
+        (make_tar([E("etc", "dir"), E("etc/hosts", data=b"127.0.0.1 localhost\n")]), "gzip"),
+        (make_tar([E("usr/bin/tool", data=os.urandom(100_000))]), "gzip"),
+    ]
+    write_image(tmp_path / "tars", "t", layers)
+    ok("push", f"{tmp_path / 'tars'}:t", f"docker://{registry.host}/tars:t")
+    ok("pull", f"docker://{registry.host}/tars:t", f"{tmp_path / 'pulled'}:t")
+    a = import_image(tmp_path / "tars", "t", tmp_path / "a", "t")
+    b = import_image(tmp_path / "pulled", "t", tmp_path / "b", "t")
+    assert a.manifest.digest == b.manifest.digest

@@ -112,7 +112,8 @@ def mount_remote(
         ),
     )
     try:
-        prepared = prepare(registry, ref, cache_dir(ref, cache))
+        # Absolute: the daemon serves from /, and its readahead helper opens blob paths.
+        prepared = prepare(registry, ref, Path(os.path.abspath(cache_dir(ref, cache))))
     finally:
         registry.close()  # the daemon makes its own connections
     fetcher = Fetcher(
