@@ -172,7 +172,7 @@ def synthetic_image(workdir: Path, chunks: int) -> tuple[Path, int]:
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
     rnd = random.Random(chunks)
-    total = chunks * 33_000
+    total = chunks * 38_500
     i = 0
     while total > 0:
         size = min(total, 1 << 20)
