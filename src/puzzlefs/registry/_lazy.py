@@ -78,7 +78,7 @@ class Fetcher:
         self._lock = threading.Lock()
         self._inflight: dict[Digest, threading.Event] = {}
         self._queue: list[tuple[int, int, Digest]] = []
-        self._queued: set[Digest] = set()
+        self._queued: dict[Digest, int] = {}  # the best priority each is queued at
         self._seq = itertools.count()
         self._wake = threading.Condition(self._lock)
         self._last_miss = -(1 << 62)
@@ -164,13 +164,15 @@ class Fetcher:
 
     # -- inside ------------------------------------------------------------------------
     def _enqueue(self, digests: Iterable[Digest], priority: int) -> None:
-        """(The lock is held.)"""
+        """(The lock is held.) A digest already queued at a lower priority is queued
+        again at this one; the entry left behind is skipped when it comes up."""
         added = False
         for d in digests:
-            if d not in self._queued and d not in self._inflight:
-                self._queued.add(d)
-                heapq.heappush(self._queue, (priority, next(self._seq), d))
-                added = True
+            if d in self._inflight or self._queued.get(d, P_ALL + 1) <= priority:
+                continue
+            self._queued[d] = priority
+            heapq.heappush(self._queue, (priority, next(self._seq), d))
+            added = True
         if added:
             self._wake.notify_all()
 
@@ -208,8 +210,9 @@ class Fetcher:
             with self._lock:
                 while not self._queue:
                     self._wake.wait()
-                _, _, digest = heapq.heappop(self._queue)
-                self._queued.discard(digest)
+                priority, _, digest = heapq.heappop(self._queue)
+                if self._queued.get(digest) == priority:
+                    del self._queued[digest]
             if self.store.has(digest):
                 continue
             event, mine = self._claim(digest)

@@ -4,9 +4,12 @@ fetched into the repository's cache layout, tagged there, and mounted through a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError
 from puzzlefs.oci import MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, Descriptor, ImageLayout, Manifest
 from puzzlefs.oci.layout import split_parts
+from puzzlefs.oci.store import DiskBlobStore
 from puzzlefs.registry._cache import cache_dir
 from puzzlefs.registry._client import ClientOptions, Registry
 from puzzlefs.registry._lazy import Fetcher, LazyLayout, read_list
@@ -59,12 +63,33 @@ def prepare(registry: Registry, ref: RemoteRef, cache: Path) -> Prepared:
         metadata = [manifest.config, manifest.rootfs]
         if manifest.times is not None:
             metadata.append(manifest.times)
-        for desc in metadata:
-            if not store.has(desc.digest):
+        missing = [d for d in metadata if not store.has(d.digest) and not _inline(store, d)]
+        if missing:  # at once: each costs a round trip
+
+            def fetch(desc: Descriptor) -> None:
                 blob = registry.get_blob(ref.repo, desc.digest, limit=max(desc.size, 1 << 20))
                 store.put_verified(desc.digest, blob)
+
+            with ThreadPoolExecutor(len(missing)) as pool:
+                for f in [pool.submit(fetch, d) for d in missing]:
+                    f.result()
         layout.set_tag(tag, digest, len(data), media_type=media)
     return Prepared(layout, tag, root, manifest)
+
+
+def _inline(store: DiskBlobStore, desc: Descriptor) -> bool:
+    """A blob the descriptor carries itself (``data``, as the empty config does),
+    stored if its sha256 holds."""
+    if desc.data is None:
+        return False
+    try:
+        data = base64.b64decode(desc.data, validate=True)
+    except binascii.Error:
+        return False
+    if Digest.of(data) != desc.digest:
+        return False
+    store.put_verified(desc.digest, data)
+    return True
 
 
 def _merged(layout: ImageLayout, tag: str, root: Descriptor) -> Manifest:
