@@ -20,4 +20,14 @@ puzzlefs extract "$work/oci:demo" "$work/out"
 puzzlefs extract "$work/oci:demo-zstd" "$work/out-zstd"
 diff -r --no-dereference "$work/rootfs" "$work/out"
 diff -r --no-dereference "$work/rootfs" "$work/out-zstd"
-echo "== identical: the demo round trip works (files in $work)"
+echo "== identical: the round trip works"
+puzzlefs inspect "$work/oci:demo-zstd" | head -8
+if [ "$(id -u)" -eq 0 ] && [ -e /dev/fuse ]; then
+    echo "== mount it (no extraction), read through the mount, unmount"
+    mkdir -p "$work/mnt"
+    puzzlefs mount "$work/oci:demo-zstd" "$work/mnt"
+    ls -l "$work/mnt/usr/bin"
+    cmp "$work/mnt/usr/bin/big-binary" "$work/rootfs/usr/bin/big-binary"
+    puzzlefs umount "$work/mnt"
+fi
+echo "== done (files in $work)"

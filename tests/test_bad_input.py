@@ -3,6 +3,7 @@ nothing already stored is damaged."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stores import FaultyBlobStore
 
 from puzzlefs import build
 from puzzlefs.format import Inode, Kind, Rootfs, encode_rootfs
@@ -186,7 +188,7 @@ def test_huge_chunk_length_refused(image: Path, tmp_path: Path) -> None:
 
 # 1 MB is stored inline; 24 MB is past PARALLEL_MIN_BYTES: worker processes store it.
 @pytest.mark.parametrize("file_size", [500_000, 12 << 20], ids=["inline", "workers"])
-def test_failed_build_leaves_every_tag_and_blob(
+def test_full_disk_fails_the_build_and_keeps_every_tag_and_blob(
     image: Path, tmp_path: Path, file_size: int
 ) -> None:
     before = snapshot(image)
@@ -194,60 +196,26 @@ def test_failed_build_leaves_every_tag_and_blob(
     src.mkdir()
     (src / "new-data").write_bytes(os.urandom(file_size))
     (src / "more-data").write_bytes(os.urandom(file_size))
-    # Fail after some chunks were stored (root can read anything, so simulate it).
-    proc = subprocess.run(
-        [sys.executable, "-c", _FAILING_BUILD, str(src), f"{image}:good"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0
+    # The disk fills up after some chunks were stored.
+    store = FaultyBlobStore(image / "blobs" / "sha256", fail_put_after=3)
+    with pytest.raises(OSError) as info:
+        build(src, image, "good", store=store)
+    assert info.value.errno == errno.ENOSPC
+    assert store.puts == 3
     assert_store_kept(before, snapshot(image))
 
 
-_FAILING_BUILD = """
-import sys
-from puzzlefs import builder
-from puzzlefs.errors import BuildError
-real = builder._store_chunk
-calls = []
-def failing(*args, **kw):
-    calls.append(1)
-    if len(calls) > 3:
-        raise BuildError("simulated failure")
-    return real(*args, **kw)
-builder._store_chunk = failing
-from puzzlefs.cli import main
-sys.exit(main(["build", sys.argv[1], sys.argv[2]]))
-"""
-
-
-def test_failed_flush_fails_the_build_and_keeps_the_store(
-    image: Path, tmp_path: Path
-) -> None:
+def test_failed_flush_fails_the_build_and_keeps_the_store(image: Path, tmp_path: Path) -> None:
     """The store is flushed (syncfs) in a thread while the metadata is written: an
-    error there still fails the build cleanly, before the tag is written."""
+    error there still fails the build, before the tag is written."""
     before = snapshot(image)
     src = tmp_path / "src2"
     src.mkdir()
     (src / "new-data").write_bytes(os.urandom(300_000))
-    proc = subprocess.run(
-        [sys.executable, "-c", _FAILING_FLUSH, str(src), f"{image}:good"],
-        capture_output=True,
-        text=True,
-    )
-    assert_clean_error(proc, "input/output error")
+    store = FaultyBlobStore(image / "blobs" / "sha256", fail_sync=errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        build(src, image, "good", store=store)
     assert_store_kept(before, snapshot(image))
-
-
-_FAILING_FLUSH = """
-import errno, os, sys
-from puzzlefs.oci.store import DiskBlobStore
-def failing(self):
-    raise OSError(errno.EIO, os.strerror(errno.EIO), str(self.root))
-DiskBlobStore.sync = failing
-from puzzlefs.cli import main
-sys.exit(main(["build", sys.argv[1], sys.argv[2]]))
-"""
 
 
 def test_extract_refuses_non_empty_dest(image: Path, tmp_path: Path) -> None:
@@ -269,3 +237,32 @@ def test_unwritable_store_build_fails_cleanly(tmp_path: Path) -> None:
 def test_copy_of_layout_still_fine(image: Path, tmp_path: Path) -> None:
     shutil.copytree(image, tmp_path / "copy")
     assert run("extract", f"{tmp_path}/copy:good", str(tmp_path / "o")).returncode == 0
+
+
+@pytest.mark.parametrize("tag", ["my tag", "-x", "a" * 256, "v1/", "/v1", "a..b", "é"])
+def test_tags_outside_the_oci_grammar_are_refused(tmp_path: Path, tag: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    assert_clean_error(run("build", str(src), f"{tmp_path}/oci:{tag}"), "invalid tag")
+    assert not (tmp_path / "oci").exists()
+
+
+@pytest.mark.parametrize("tag", ["v1", "3.12-slim", "library/debian", "a_b", "x--y", "v1+rc.2"])
+def test_tags_of_the_oci_grammar_are_taken(tmp_path: Path, tag: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    assert run("build", str(src), f"{tmp_path}/oci:{tag}").returncode == 0
+    assert run("tags", str(tmp_path / "oci")).stdout.split() == [tag]
+    assert run("extract", f"{tmp_path}/oci:{tag}", str(tmp_path / "x")).returncode == 0
+
+
+def test_the_legacy_form_only_when_it_cannot_be_a_mistake(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    oops = run("build", str(src), f"{tmp_path}/o:v1", "extra-arg")
+    assert_clean_error(oops, "one argument too many")
+    assert not (tmp_path / "o:v1").exists() and not (tmp_path / "o").exists()
+    assert run("build", str(src), str(tmp_path / "oci"), "v1").returncode == 0
+    assert run("tags", str(tmp_path / "oci")).stdout.split() == ["v1"]

@@ -271,3 +271,55 @@ def test_full_disk(trees: tuple[Path, Path], tmp_path: Path) -> None:
         assert_intact(oci, "small")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def _corrupt_last_chunk(oci: Path, tag: str) -> None:
+    from puzzlefs.oci import ImageLayout
+
+    _, _, manifest = ImageLayout(oci).read_manifest(tag)
+    last = manifest.chunk_layers[-1].digest.hex
+    blob = oci / "blobs" / "sha256" / last
+    data = bytearray(blob.read_bytes())
+    data[0] ^= 1
+    blob.unlink()
+    blob.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("dest_exists", [False, True], ids=["new-dest", "empty-dest"])
+def test_failed_extract_leaves_nothing(
+    trees: tuple[Path, Path], tmp_path: Path, dest_exists: bool
+) -> None:
+    old, _ = trees
+    oci = tmp_path / "oci"
+    build(old, oci, "t")
+    os.chmod(old / "d0", 0o555)  # a read-only directory too (made before the failure)
+    try:
+        build(old, oci, "ro")
+    finally:
+        os.chmod(old / "d0", 0o755)
+    _corrupt_last_chunk(oci, "ro")
+    dest = tmp_path / "out"
+    if dest_exists:
+        dest.mkdir()
+    done = subprocess.run(_cli("extract", f"{oci}:ro", str(dest)), capture_output=True, text=True)
+    assert done.returncode != 0 and "corrupt" in done.stderr
+    if dest_exists:
+        assert os.listdir(dest) == []
+    else:
+        assert not dest.exists()
+
+
+def test_interrupted_extract_leaves_nothing(trees: tuple[Path, Path], tmp_path: Path) -> None:
+    old, _ = trees
+    oci = tmp_path / "oci"
+    build(old, oci, "t")
+    dest = tmp_path / "out"
+    with started(_cli("extract", f"{oci}:t", str(dest))) as proc:
+        deadline = time.monotonic() + 30
+        while not (dest.is_dir() and any(dest.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not dest.exists()

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -594,6 +595,16 @@ def _simple(tmp: Path, entries: list[E], how: str = "gzip", **kw: object) -> Lay
     return write_image(tmp / "src", "t", [(make_tar(entries), how)], **kw)
 
 
+def _pax_member(tmp: Path, kind: bytes, pax: dict[str, str]) -> None:
+    info = tarfile.TarInfo("member")
+    info.type = kind
+    info.pax_headers = pax
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    write_image(tmp / "src", "t", [(buf.getvalue(), "gzip")])
+
+
 def _not_a_tar(tmp: Path) -> None:
     write_image(tmp / "src", "t", [(random.Random(1).randbytes(5000), "none")])
 
@@ -695,6 +706,57 @@ BAD = {
         lambda t: _simple(t, [E("f", data=b"f"), E("f/g", data=b"g")]),
         ["not a directory"],
     ),
+    # What extract would refuse (issue 11, item 7): refused here, before anything is
+    # stored.
+    "name over 255 bytes": (
+        lambda t: _simple(t, [E("d/" + "n" * 256, data=b"x")]),
+        ["longer than 255"],
+    ),
+    "path over PATH_MAX": (
+        lambda t: _simple(t, [E("/".join(["p" * 200] * 21), data=b"x")]),
+        ["longer than 4095"],
+    ),
+    "path over PATH_MAX through a symlink": (
+        lambda t: _simple(
+            t,
+            [
+                E("/".join(["p" * 250] * 16), "dir"),
+                E("s", "sym", link="/".join(["p" * 250] * 16)),
+                E("s/" + "q" * 200, data=b"x"),
+            ],
+        ),
+        ["longer than 4095"],
+    ),
+    "symlink target over PATH_MAX": (
+        lambda t: _simple(t, [E("s", "sym", link="t" * 4096)]),
+        ["target longer than 4095"],
+    ),
+    # (a NUL can only come in a pax record: the header's own fields end at one)
+    "symlink target with NUL": (
+        lambda t: _pax_member(t, tarfile.SYMTYPE, {"linkpath": "a\0b"}),
+        ["NUL"],
+    ),
+    "name with NUL": (lambda t: _pax_member(t, tarfile.REGTYPE, {"path": "a\0b"}), ["NUL"]),
+    "device major out of range": (
+        lambda t: _simple(t, [E("dev", "chr", dev=(4096, 0))]),
+        ["4096:0", "out of range"],
+    ),
+    "device minor out of range": (
+        lambda t: _simple(t, [E("dev", "blk", dev=(8, 1 << 20))]),
+        ["8:1048576", "out of range"],
+    ),
+    "xattr outside the namespaces": (
+        lambda t: _simple(t, [E("f", data=b"x", xattrs={b"nonamespace": b"v"})]),
+        ["xattr", "nonamespace"],
+    ),
+    "xattr name over 255 bytes": (
+        lambda t: _simple(t, [E("f", data=b"x", xattrs={b"user." + b"k" * 251: b"v"})]),
+        ["longer than 255"],
+    ),
+    "xattr value over 64 KiB": (
+        lambda t: _simple(t, [E("f", data=b"x", xattrs={b"user.big": b"v" * 65537})]),
+        ["larger than 65536"],
+    ),
 }
 
 
@@ -749,3 +811,126 @@ def test_member_times_are_kept_to_the_nanosecond(tmp_path: Path) -> None:
         "d/old": -1_250_000_000,
         "plain": 0,
     }
+def _sparse_member(name: str, realsize: int, runs: list[tuple[int, bytes]]) -> bytes:
+    """A tar with one GNU sparse member (PAX format 1.0, what GNU tar --sparse writes):
+    the map in the first data block, then the data runs."""
+    sparse_map = f"{len(runs)}\n" + "".join(f"{off}\n{len(d)}\n" for off, d in runs)
+    block = sparse_map.encode().ljust(-(-len(sparse_map) // 512) * 512, b"\0")
+    data = block + b"".join(d for _, d in runs)
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    info.size = len(data)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(realsize),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_gnu_sparse_member_keeps_its_holes(tmp_path: Path) -> None:
+    """A sparse member is spooled with its holes as holes: 256 MiB declared, a few
+    KiB of disk; the file reads back whole."""
+    size = 256 << 20
+    runs = [(0, b"head"), (100 << 20, b"middle" * 100), (size - 3, b"end")]
+    write_image(tmp_path / "src", "t", [(_sparse_member("big", size, runs), "gzip")])
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    import_image(tmp_path / "src", "t", tmp_path / "oci", "t", tmp_dir=spool)
+    image = open_image(tmp_path / "oci", "t")
+    inode = image.lookup(image.root, b"big")
+    assert inode.size == size
+    assert image.read(inode, 0, 4) == b"head"
+    assert image.read(inode, 100 << 20, 600) == b"middle" * 100
+    assert image.read(inode, 50 << 20, 10) == bytes(10)
+    assert image.read(inode, size - 3, 10) == b"end"
+    assert list(spool.iterdir()) == []
+
+
+def test_gnu_sparse_member_declaring_10_gib_is_capped(tmp_path: Path) -> None:
+    raw = _sparse_member("huge", 10 << 30, [(5 << 30, b"data")])
+    write_image(tmp_path / "src", "t", [(raw, "gzip")])
+    proc = run("import", "--max-layer-size", "1G", f"{tmp_path}/src:t", f"{tmp_path}/oci:t")
+    assert_clean_error(proc, "huge", "more than 1.0 GiB", "--max-layer-size")
+    assert not (tmp_path / "oci").exists()
+
+
+@pytest.mark.parametrize(
+    "bad_map",
+    [[(100, b"x"), (50, b"y")], [(0, b"x" * 10), (5, b"y")], [(1 << 40, b"beyond")]],
+    ids=["unsorted", "overlapping", "past-the-end"],
+)
+def test_gnu_sparse_member_with_a_corrupt_map(
+    tmp_path: Path, bad_map: list[tuple[int, bytes]]
+) -> None:
+    write_image(tmp_path / "src", "t", [(_sparse_member("f", 1 << 20, bad_map), "none")])
+    proc = run("import", f"{tmp_path}/src:t", f"{tmp_path}/oci:t")
+    assert_clean_error(proc, "sparse map")
+
+
+def test_gzip_bomb_is_capped(tmp_path: Path) -> None:
+    """200 MiB of zeros in 200 KB of gzip: refused at the cap, quickly, spool removed."""
+    zeros = make_tar([E("bomb", data=bytes(200 << 20))])
+    write_image(tmp_path / "src", "t", [(zeros, "gzip")])
+    del zeros
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    env = dict(os.environ, TMPDIR=str(spool))
+    proc = run(
+        "import", "--max-layer-size", "16M", f"{tmp_path}/src:t", f"{tmp_path}/oci:t", env=env
+    )
+    assert_clean_error(proc, "layer 1", "more than 16.0 MiB uncompressed", "--max-layer-size")
+    assert list(spool.iterdir()) == []
+    assert not (tmp_path / "oci").exists()
+
+
+@pytest.fixture()
+def small_spool(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs: the spool's filesystem, nearly too small."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    spool = tmp_path / "small"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(spool)], check=True)
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", str(spool)], check=True)
+
+
+def test_spool_is_bounded_by_free_space(tmp_path: Path, small_spool: Path) -> None:
+    """Without --max-layer-size, a layer (or a sparse member) that would not fit in the
+    spool's filesystem (less a reserve) is refused before the disk is full."""
+    write_image(tmp_path / "src", "t", [(make_tar([E("big", data=bytes(100 << 20))]), "zstd")])
+    write_image(tmp_path / "src2", "t", [(_sparse_member("holes", 1 << 30, [(0, b"x")]), "none")])
+    for src in ("src", "src2"):
+        proc = run(
+            "import", "--tmpdir", str(small_spool), f"{tmp_path}/{src}:t", f"{tmp_path}/oci:t"
+        )
+        assert_clean_error(proc, "more than", "can spool", "--tmpdir")
+        assert list(small_spool.iterdir()) == []
+    assert not (tmp_path / "oci").exists()
+
+
+@pytest.mark.parametrize("root_name", ["./", "/", "."])
+def test_root_entry_applies_to_the_root(tmp_path: Path, root_name: str) -> None:
+    """umoci, buildah and docker write a `/` or `./` entry for the root: its owner,
+    mode and xattrs become the root's, as tar applies them (issue 13)."""
+    layers = [
+        (make_tar([E(root_name, "dir", mode=0o750, uid=7, gid=8), E("a", data=b"a")]), "gzip"),
+        (make_tar([E(root_name, "dir", mode=0o700, xattrs={b"user.root": b"r"})]), "none"),
+    ]
+    write_image(tmp_path / "src", "t", layers)
+    import_image(tmp_path / "src", "t", tmp_path / "oci", "t")
+    image = open_image(tmp_path / "oci", "t")
+    root = image.root
+    assert (root.permissions, root.uid, root.gid) == (0o700, 0, 0)  # the upper layer's
+    assert root.xattrs == [(b"user.root", b"r")]
+    assert [name for name, _ in image.listdir(root)] == [b"a"]
+    reference = tmp_path / "ref"
+    apply_layers([raw for raw, _ in layers], reference)
+    extract(image, tmp_path / "x")
+    assert_same_tree(tmp_path / "x", reference)

@@ -188,3 +188,15 @@ def test_gc_racing_builds_in_other_processes(tmp_path: Path) -> None:
     assert run("gc", str(oci)).returncode == 0
     for i in range(4):
         assert verify(oci, f"t{i}").ok
+
+
+def test_gc_of_a_layout_without_a_store_changes_nothing(tmp_path: Path) -> None:
+    """An empty layout (no blobs/sha256 yet): nothing to collect, and gc, dry or
+    not, creates nothing (it used to create the store to lock it)."""
+    oci = tmp_path / "oci"
+    ImageLayout(oci, create=True)
+    (oci / "blobs" / "sha256").rmdir()
+    for dry_run in (True, False):
+        report = gc(ImageLayout(oci), dry_run=dry_run)
+        assert (report.removed, report.kept) == ([], 0)
+        assert not (oci / "blobs" / "sha256").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from puzzlefs.compression import (
     compress_chunk,
     compress_seekable,
 )
+from puzzlefs.errors import MetadataError
 from puzzlefs.format import (
     BlobRef,
     DirEntry,
@@ -159,6 +161,8 @@ def test_seekable_reads_through_a_frame_cache(data: bytes, reads: list[tuple[int
 
 _names = st.binary(min_size=1, max_size=40).filter(lambda n: b"/" not in n and b"\0" not in n)
 _u64 = st.integers(0, 2**64 - 1)
+_u32 = st.integers(0, 2**32 - 1)
+_no_nul = st.binary(min_size=1, max_size=100).filter(lambda b: b"\0" not in b)
 
 
 @st.composite
@@ -177,17 +181,15 @@ def _inode(draw: st.DrawFn, ino: int) -> Inode:
         inode.chunks = [
             FileChunk(
                 BlobRef(draw(st.binary(min_size=32, max_size=32)), draw(_u64), draw(st.booleans())),
-                draw(_u64),
+                draw(st.integers(0, 2**61)),  # four of them stay within an off_t
             )
             for _ in range(draw(st.integers(0, 4)))
         ]
     elif kind in (Kind.CHR, Kind.BLK):
-        inode.major, inode.minor = draw(_u64), draw(_u64)
+        inode.major, inode.minor = draw(_u32), draw(_u32)
     if kind is Kind.LNK:
-        inode.symlink_target = draw(st.binary(max_size=100))
-    inode.xattrs = draw(
-        st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=50)), max_size=3)
-    )
+        inode.symlink_target = draw(_no_nul)
+    inode.xattrs = draw(st.lists(st.tuples(_no_nul, st.binary(max_size=50)), max_size=3))
     return inode
 
 
@@ -220,3 +222,45 @@ def test_capnp_round_trip(rootfs: Rootfs) -> None:
             assert lazy is not None and lazy.size == inode.size
             assert lazy == inode
         assert list(reader.layer(layer_index, lazy=True)) == layer
+
+
+_OUT_OF_RANGE = {
+    "device": lambda i: setattr(i, "kind", Kind.BLK) or setattr(i, "major", 2**32),
+    "device-minor": lambda i: setattr(i, "kind", Kind.CHR) or setattr(i, "minor", 2**64 - 1),
+    "nul-in-target": lambda i: setattr(i, "kind", Kind.LNK) or setattr(i, "symlink_target", b"a\0"),
+    "empty-target": lambda i: setattr(i, "kind", Kind.LNK) or setattr(i, "symlink_target", b""),
+    "nul-in-xattr": lambda i: setattr(i, "xattrs", [(b"user.a\0b", b"v")]),
+    "empty-xattr": lambda i: setattr(i, "xattrs", [(b"", b"v")]),
+    "permissions": lambda i: setattr(i, "permissions", 0o17777),
+    "file-size": lambda i: (
+        setattr(i, "kind", Kind.FILE)
+        or setattr(i, "chunks", [FileChunk(BlobRef(bytes(32), 0, False), 2**62)] * 2)
+    ),
+    "digest-length": lambda i: (
+        setattr(i, "kind", Kind.FILE)
+        or setattr(i, "chunks", [FileChunk(BlobRef(bytes(31), 0, False), 1)])
+    ),
+}
+
+
+@given(_rootfs(), st.sampled_from(sorted(_OUT_OF_RANGE)), st.data())
+@settings(max_examples=100, deadline=None)
+def test_fields_out_of_range_are_metadata_errors(
+    rootfs: Rootfs, what: str, data: st.DataObject
+) -> None:
+    """What the schema can hold but no kernel, tar or file offset can: refused when
+    the inode is decoded, as a MetadataError naming it (never an OverflowError or a
+    ValueError inside extract or a mount)."""
+    layer = data.draw(st.sampled_from(rootfs.layers))
+    inode = data.draw(st.sampled_from(layer))
+    _OUT_OF_RANGE[what](inode)
+    reader = RootfsReader(encode_rootfs(rootfs))
+    index = rootfs.layers.index(layer)
+    with pytest.raises(MetadataError, match=f"inode {inode.ino}"):
+        found = reader.find(inode.ino, index)
+        assert found is not None
+        list(found.chunks)
+    with pytest.raises(MetadataError, match=f"inode {inode.ino}"):
+        found = reader.find(inode.ino, index, lazy=True)
+        assert found is not None
+        list(found.chunks)

@@ -3,6 +3,7 @@ against GNU tar itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,7 +88,7 @@ def test_cli_du(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 0 and '"logical": 5' in proc.stdout
+    assert proc.returncode == 0 and json.loads(proc.stdout)["tags"][0]["file_bytes"] == 5
     bad = subprocess.run(
         [sys.executable, "-m", "puzzlefs", "du", str(tmp_path / "oci"), "nope"],
         capture_output=True,

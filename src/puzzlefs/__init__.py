@@ -14,8 +14,9 @@ line, which starts with it) stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+# Nothing imported at the top, not even typing: the command's start-up runs through
+# here before it can set up its signal handling (see puzzlefs.__main__).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, which mypy also sees as True
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from puzzlefs.builder import BuildResult, build
     from puzzlefs.errors import PuzzleFSError
     from puzzlefs.extract import extract
@@ -41,6 +44,8 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'puzzlefs' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

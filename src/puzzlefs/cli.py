@@ -7,7 +7,9 @@ traceback only with ``PUZZLEFS_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -16,12 +18,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from puzzlefs import __version__
-from puzzlefs.errors import PuzzleFSError, Terminated, UsageError
+from puzzlefs.errors import (
+    EXIT_ERROR,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    PuzzleFSError,
+    Terminated,
+    UsageError,
+    one_line,
+)
 from puzzlefs.oci import parse_image_ref
 from puzzlefs.progress import Progress
 
 if TYPE_CHECKING:
     from puzzlefs.compression import ZstdOptions
+    from puzzlefs.reader import Image
     from puzzlefs.registry import ClientOptions
 
 Handler = Callable[[argparse.Namespace], int]
@@ -29,6 +40,20 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _image_ref(text: str) -> tuple[Path, str]:
     return parse_image_ref(text)
+
+
+def _expect_files(progress: Progress, image: Image) -> None:
+    """Give a progress line on a terminal its totals (from the image's index)."""
+    if not progress.enabled:
+        return
+    from puzzlefs.reader.index import load_tables
+
+    try:
+        files, size = load_tables(image.opened).file_totals()
+    except PuzzleFSError:
+        return  # the work itself says what is wrong
+    progress.expect("files", files)
+    progress.expect("bytes", size)
 
 
 def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
@@ -46,13 +71,10 @@ def _compression(args: argparse.Namespace) -> bool | ZstdOptions:
         return True
     if level is not None and not level.isdigit():
         raise UsageError(f"the zstd level must be a number from 1 to {MAX_LEVEL}, got {level!r}")
-    try:
-        return ZstdOptions(
-            parse_size(frame) if frame is not None else DEFAULT_FRAME_SIZE,
-            int(level) if level is not None else DEFAULT_LEVEL,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    return ZstdOptions(  # raises OptionError, a UsageError
+        parse_size(frame) if frame is not None else DEFAULT_FRAME_SIZE,
+        int(level) if level is not None else DEFAULT_LEVEL,
+    )
 
 
 def _add_mtimes_option(p: argparse.ArgumentParser) -> None:
@@ -97,7 +119,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     from puzzlefs.chunking import ChunkParams
 
     if args.legacy_tag is not None:  # the seed talk's `build ROOTFS OCI_DIR TAG`
-        oci_dir, tag = Path(args.image), args.legacy_tag
+        if ":" in args.image:
+            raise UsageError(
+                f"one argument too many: {args.image!r} names a tag already "
+                "(give ROOTFS OCI_DIR:TAG, or the older ROOTFS OCI_DIR TAG)"
+            )
+        from puzzlefs.oci.layout import check_tag
+
+        oci_dir, tag = Path(args.image), check_tag(args.legacy_tag)
     else:
         oci_dir, tag = _image_ref(args.image)
     params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else None
@@ -121,34 +150,28 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     oci_dir, tag = _image_ref(args.image)
     image = open_image(oci_dir, tag, verity_digest=_verity_hex(args.digest))
-    stats = extract(image, args.dest, progress=Progress("extracting"))
+    progress = Progress("extracting")
+    _expect_files(progress, image)
+    stats = extract(image, args.dest, progress=progress)
     warn(stats)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
-
+    from puzzlefs._files import atomic_output
     from puzzlefs.export import export_tar
     from puzzlefs.reader import open_image
 
     oci_dir, tag = _image_ref(args.image)
     image = open_image(oci_dir, tag, verity_digest=_verity_hex(args.digest))
+    progress = Progress("exporting")
+    _expect_files(progress, image)
     if args.out == "-":
-        export_tar(image, sys.stdout.buffer)
+        export_tar(image, sys.stdout.buffer, progress=progress)
         sys.stdout.buffer.flush()
         return 0
-    out = Path(args.out)
-    # A temporary file beside the target, renamed into place: no half-written tar.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            export_tar(image, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(args.out) as f:  # no half-written tar, ever
+        export_tar(image, f, progress=progress)
     return 0
 
 
@@ -156,12 +179,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from puzzlefs.reader.verify import verify
 
     oci_dir, tag = _image_ref(args.image)
-    report = verify(oci_dir, tag, verity_digest=_verity_hex(args.digest))
+    report = verify(
+        oci_dir, tag, verity_digest=_verity_hex(args.digest), progress=Progress("verifying")
+    )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for p in report.problems or []:
-            print(f"{p.role} {p.blob or '-'}: {p.message}")
+            print(one_line(f"{p.role} {p.blob or '-'}: {p.message}"))
         state = "ok" if report.ok else f"{len(report.problems or [])} problem(s)"
         chain = " and fs-verity chain" if args.digest else ""
         checked = f"{report.checked} blobs, {report.bytes:,} bytes checked (sha256{chain})"
@@ -176,16 +201,111 @@ def cmd_du(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
-    head = ("files", "logical", "tar", "stored", "metadata", "shared")
-    print(f"{'tag':<24} " + " ".join(f"{h:>12}" for h in head))
-    for t in result.tags:
-        print(
-            f"{t.tag:<24} {t.files:>12} {t.logical:>12,} {t.tar:>12,} {t.stored:>12,}"
-            f" {t.metadata:>12,} {t.shared:>12,}"
+    human = args.human if args.human is not None else sys.stdout.isatty()
+    size = _human if human else (lambda n: f"{n:,}")
+    head = ("TAG", "FILES", "FILE DATA", "AS A TAR", "STORED", "METADATA", "SHARED", "ADDS")
+    rows = [head] + [
+        (
+            t.tag,
+            f"{t.files:,}",
+            size(t.logical),
+            size(t.tar),
+            size(t.stored),
+            size(t.metadata),
+            size(t.shared),
+            size(t.adds),
         )
-    print(f"unified: {result.unified:,} bytes ({result.unified_metadata:,} metadata)")
-    print()
+        for t in result.tags
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    n = len(result.tags)
+    saved = result.saved
+    verdict = f"{saved:.0%} less" if saved >= 0 else f"{-saved:.0%} more"
+    print(
+        f"\n{n} tag{'s' if n != 1 else ''}: {size(result.unified)} stored, of which"
+        f" {size(result.unified_metadata)} metadata; {verdict} than their tars"
+        f" ({size(result.tar_total)})."
+    )
+    print("SHARED: stored bytes other listed tags need too; ADDS: what only this tag needs")
+    print("(removing it and running gc frees that much).\n")
     print(result.table())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from puzzlefs.describe import inspect_image
+
+    oci_dir, tag = _image_ref(args.image)
+    f = inspect_image(oci_dir, tag)
+    if args.json:
+        print(json.dumps(f.to_json(), indent=2))
+        return 0
+    lines = [
+        ("tag", tag),
+        ("manifest", f"{f.manifest_digest} ({_human(f.manifest_size)})"),
+        ("fs-verity digest", f"{f.fs_verity_digest} (what mount --digest takes)"),
+        ("artifact type", f.artifact_type or "none"),
+        ("format", f"PuzzleFS v3, {f.metadata_layers} metadata layer(s)"),
+        ("rootfs", f"{f.rootfs_digest} ({_human(f.rootfs_size)})"),
+        ("times", f.times_digest or "none (they read as 0)"),
+        ("chunks", f"{f.chunk_count:,}, {_human(f.chunk_bytes)} stored"),
+        ("compression", f.compression),
+        ("chunk sizes", f.chunk_sizes),
+        ("inodes", f"{f.inodes:,}: " + ", ".join(f"{v:,} {k}" for k, v in f.kinds.items())),
+        ("file data", _human(f.file_bytes)),
+    ]
+    lines += [(f"annotation {k}", v) for k, v in f.annotations.items()]
+    lines += [("hidden", p) for p in f.problems]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key + ':':<{width + 1}} {value}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from puzzlefs.describe import list_paths
+
+    oci_dir, tag = _image_ref(args.image)
+    out = sys.stdout
+    for line in list_paths(oci_dir, tag, args.path or "", long=args.long):
+        out.write(line + "\n")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from puzzlefs.describe import diff_images
+
+    a = _image_ref(args.first)
+    b = (
+        _image_ref(args.second)
+        if ":" in args.second and not args.second.startswith(":")
+        else (
+            a[0],
+            args.second,
+        )
+    )
+    result = diff_images(a, b)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    for p in result.added:
+        print(f"+ {p}")
+    for p in result.removed:
+        print(f"- {p}")
+    for c in result.changed:
+        print(f"M {c.path} ({', '.join(c.what)})")
+    print(
+        f"{len(result.added)} added, {len(result.removed)} removed, {len(result.changed)} changed;"
+        f" the second needs {_human(result.new_bytes)} ({result.new_chunks:,} chunks) the first"
+        " does not"
+    )
     return 0
 
 
@@ -200,7 +320,7 @@ def cmd_tags(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for t in sorted(tags):
-            print(t)
+            print(one_line(t))
     return 0
 
 
@@ -283,8 +403,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if any(remote_only):
         raise UsageError("--prefetch, --prefetch-list, --record and --cache-dir are for "
                          "mounts from a registry (docker://HOST/REPO:TAG)")  # fmt: skip
-    if args.legacy_mountpoint is not None:  # the seed talk's `mount OCI_DIR TAG MOUNTPOINT`
-        oci_dir, tag, mountpoint = Path(args.image), args.mountpoint, args.legacy_mountpoint
+    persist = args.persist
+    if args.legacy_mountpoint is not None:
+        if args.writable and persist is None:
+            # The mount-helper form: `mount OCI_DIR:TAG -w WRITABLE_DIR MOUNTPOINT`.
+            persist, mountpoint = args.mountpoint, args.legacy_mountpoint
+            oci_dir, tag = _image_ref(args.image)
+        else:  # the seed talk's `mount OCI_DIR TAG MOUNTPOINT`
+            if not (Path(args.image) / "oci-layout").is_file():
+                raise UsageError(
+                    f"three arguments are OCI_DIR TAG MOUNTPOINT, and {args.image} is not an"
+                    " OCI layout (or give -w WRITABLE_DIR: OCI_DIR:TAG -w DIR MOUNTPOINT)"
+                )
+            oci_dir, tag, mountpoint = Path(args.image), args.mountpoint, args.legacy_mountpoint
     else:
         (oci_dir, tag), mountpoint = _image_ref(args.image), args.mountpoint
     mount(
@@ -296,6 +427,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         foreground=args.foreground,
         init_pipe=args.init_pipe,
         log_file=args.log_file,
+        writable=args.writable,
+        persist=persist,
     )
     return 0
 
@@ -308,12 +441,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from puzzlefs.chunking import ChunkParams
+    from puzzlefs.chunking import ChunkParams, parse_size
     from puzzlefs.importer import import_image
 
     src_dir, src_tag = _image_ref(args.source)
     oci_dir, tag = _image_ref(args.image)
     params = ChunkParams.parse(args.chunk_sizes) if args.chunk_sizes else None
+    max_layer = parse_size(args.max_layer_size) if args.max_layer_size is not None else None
     result = import_image(
         src_dir,
         src_tag,
@@ -322,6 +456,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         compress=_compression(args),
         params=params,
         tmp_dir=args.tmpdir,
+        max_layer_size=max_layer,
         progress=True,
         mtimes=not args.no_mtimes,
     )
@@ -406,11 +541,18 @@ def _add_registry_options(p: argparse._ActionsContainer) -> None:
 
 
 def _add_registry_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ps = sub.add_parser(
+    ps = _command(
+        sub,
         "push",
-        help="upload an image to a registry",
-        description="Upload OCI_DIR:TAG to a registry: only the blobs it lacks are sent "
-        "(many at a time), then the manifest(s), the tag last.",
+        "upload an image to a registry",
+        "Only the blobs the registry lacks are sent (many at a time on kept-alive "
+        "connections), then the manifest(s), the tag last. TLS by default; credentials "
+        "from the files docker and podman write (see --authfile).",
+        [
+            "puzzlefs push oci:v1 docker://registry.example:5000/team/app:v1",
+            "puzzlefs push --mount-from team/base oci:v2 docker://registry.example/team/app:v2",
+        ],
+        cmd_push,
     )
     ps.add_argument("image", metavar="OCI_DIR:TAG")
     ps.add_argument("dest", metavar="docker://HOST[:PORT]/REPO[:TAG]")
@@ -421,25 +563,33 @@ def _add_registry_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "uploading them",
     )
     _add_registry_options(ps)
-    ps.set_defaults(func=cmd_push)
 
-    pl = sub.add_parser(
+    pl = _command(
+        sub,
         "pull",
-        help="download an image from a registry",
-        description="Download an image into OCI_DIR under TAG: every blob is checked "
-        "against its sha256 and stored as soon as it is complete, so an interrupted pull "
-        "run again fetches only what is missing; the tag is set last.",
+        "download an image from a registry",
+        "Every blob is checked against its sha256 and stored as soon as it is complete, "
+        "so an interrupted pull run again fetches only what is missing; the tag is set "
+        "last.",
+        ["puzzlefs pull docker://registry.example/team/app:v1 oci:v1"],
+        cmd_pull,
     )
     pl.add_argument("source", metavar="docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")
     pl.add_argument("image", metavar="OCI_DIR:TAG")
     _add_registry_options(pl)
-    pl.set_defaults(func=cmd_pull)
 
-    cp = sub.add_parser(
+    cp = _command(
+        sub,
         "copy",
-        help="copy an image between OCI layouts and registries",
-        description="Copy an image: SRC and DEST are docker://HOST[:PORT]/REPO[:TAG] or "
-        "oci:OCI_DIR:TAG (or OCI_DIR:TAG), as skopeo names them.",
+        "copy an image between OCI layouts and registries",
+        "SRC and DEST are docker://HOST[:PORT]/REPO[:TAG] or oci:OCI_DIR:TAG (or "
+        "OCI_DIR:TAG), as skopeo names them; between two repositories of one registry, "
+        "blobs are mounted, not uploaded.",
+        [
+            "puzzlefs copy oci:images:v1 docker://registry.example/app:v1",
+            "puzzlefs copy docker://registry.example/app:v1 docker://registry.example/app2:v1",
+        ],
+        cmd_copy,
     )
     cp.add_argument("source", metavar="SRC")
     cp.add_argument("dest", metavar="DEST")
@@ -449,18 +599,72 @@ def _add_registry_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="to a registry: mount blobs from this repository of it instead of uploading",
     )
     _add_registry_options(cp)
-    cp.set_defaults(func=cmd_copy)
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    examples: Sequence[str],
+    func: Handler,
+    **kw: object,
+) -> argparse.ArgumentParser:
+    """A subcommand with its one-line summary, a description and examples."""
+    text = "\n".join(f"  {e}" for e in examples)
+    cmd = sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ". " + description,
+        epilog=f"examples:\n{text}",
+        formatter_class=_Help,
+        **kw,  # type: ignore[arg-type]
+    )
+    cmd.set_defaults(func=func)
+    return cmd
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions wrapped to the terminal, examples kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n\n".join(
+            textwrap.fill(para, width, initial_indent=indent, subsequent_indent=indent)
+            for para in text.split("\n\n")
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="puzzlefs",
-        description="Build, mount and extract PuzzleFS container images (format v3).",
+        description="Build, mount and extract PuzzleFS container images (format v3): "
+        "content-defined chunks stored once each in an OCI image layout, mounted "
+        "without extracting. `puzzlefs COMMAND --help` explains each command.",
     )
     p.add_argument("--version", action="version", version=f"puzzlefs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    b = sub.add_parser("build", help="build an image from a directory tree")
+    b = _command(
+        sub,
+        "build",
+        "build an image from a directory tree",
+        "The tree is walked in a canonical order and all file contents are cut, as one "
+        "stream, into content-defined chunks, each stored once by its sha256 under "
+        "OCI_DIR/blobs/sha256 (OCI_DIR is created if needed; many tags share one store). "
+        "It prints the fs-verity digest of the manifest: the one value that "
+        "authenticates the whole image (mount --digest, extract --digest). The same tree "
+        "gives the same image, byte for byte. A failed build leaves every tag as it was."
+        "\n\nModification times are kept (--no-mtimes leaves them out); a build on a "
+        "base (-b) stores a layer of what changed. Progress shows on a terminal.",
+        [
+            "puzzlefs build rootfs/ oci:v1",
+            "puzzlefs build -c rootfs/ oci:v1-zstd",
+            "puzzlefs build -b v1 rootfs/ oci:v2",
+        ],
+        cmd_build,
+    )
     b.add_argument("rootfs", metavar="ROOTFS", help="the directory tree to build")
     b.add_argument("image", metavar="OCI_DIR:TAG", help="where to store it, and its tag")
     b.add_argument("legacy_tag", nargs="?", metavar="TAG", help=argparse.SUPPRESS)
@@ -477,77 +681,194 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MIN:AVG:MAX",
         help="FastCDC chunk sizes (default: the base's, else 16K:64K:256K, the reference's)",
     )
-    b.set_defaults(func=cmd_build)
 
-    x = sub.add_parser("extract", help="write an image's tree into a directory")
+    x = _command(
+        sub,
+        "extract",
+        "write an image's tree into a directory",
+        "Every inode type, owners (as root), modes including setuid/setgid/sticky, "
+        "xattrs, hard links, holes and modification times. Every chunk is checked "
+        "against its sha256; with --digest, against the whole fs-verity chain. Hostile "
+        "images are refused and can never write outside DEST.",
+        ["puzzlefs extract oci:v1 /tmp/rootfs", "puzzlefs extract -d HEX oci:v1 /tmp/rootfs"],
+        cmd_extract,
+    )
     x.add_argument("image", metavar="OCI_DIR:TAG")
     x.add_argument("dest", metavar="DEST", help="a new or empty directory")
     x.add_argument(
         "-d", "--digest", metavar="HEX", help="check the whole fs-verity chain against this"
     )
-    x.set_defaults(func=cmd_extract)
 
-    t = sub.add_parser("export", help="write an image's tree as a reproducible tar")
+    t = _command(
+        sub,
+        "export",
+        "write an image's tree as a reproducible tar",
+        "POSIX (pax) format, sorted, numeric owners, the image's modification times, "
+        "xattrs, hard links as links. Sockets cannot be stored in a tar: they are left "
+        "out with a warning. Written to a temporary file renamed into place.",
+        ["puzzlefs export oci:v1 v1.tar", "puzzlefs export oci:v1 - | tar -tvf -"],
+        cmd_export,
+    )
     t.add_argument("image", metavar="OCI_DIR:TAG")
     t.add_argument("out", metavar="OUT.tar", help="the tar to write, - for stdout")
     t.add_argument("-d", "--digest", metavar="HEX", help="check the fs-verity chain")
-    t.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("verify", help="check that every blob of an image is present and intact")
+    v = _command(
+        sub,
+        "verify",
+        "check that every blob of an image is present and intact",
+        "Every blob the image needs (manifest, config, rootfs, times, every chunk any "
+        "layer uses) for presence, size and sha256, and with --digest the whole "
+        "fs-verity chain. It lists every problem and exits 1 if there is any.",
+        ["puzzlefs verify oci:v1", "puzzlefs verify --digest HEX --json oci:v1"],
+        cmd_verify,
+    )
     v.add_argument("image", metavar="OCI_DIR:TAG")
     v.add_argument(
         "-d", "--digest", metavar="HEX", help="also check the fs-verity chain from this digest"
     )
     v.add_argument("--json", action="store_true", help="print a JSON report")
-    v.set_defaults(func=cmd_verify)
 
-    u = sub.add_parser("du", help="sizes per tag, sharing, and savings against tarballs")
+    u = _command(
+        sub,
+        "du",
+        "what each tag stores, what tags share, and what the store saves against tars",
+        "Per tag: its files and their bytes, the size of the tar the same tree makes, "
+        "the bytes it needs in the store (and how much of that is metadata), the bytes "
+        "other listed tags need too, and what only it needs (what removing it and "
+        "running gc would free). Sizes are human-readable on a terminal (-h), bytes "
+        "otherwise (--bytes).",
+        ["puzzlefs du oci", "puzzlefs du oci v1 v2", "puzzlefs du --json oci"],
+        cmd_du,
+        add_help=False,
+    )
+    u.add_argument("--help", action="help", help="show this help message and exit")
     u.add_argument("oci_dir", metavar="OCI_DIR")
     u.add_argument("tags", nargs="*", metavar="TAG", help="default: every tag")
-    u.add_argument("--json", action="store_true", help="print JSON")
-    u.set_defaults(func=cmd_du)
+    u.add_argument("-h", "--human", dest="human", action="store_true", default=None,
+                   help="sizes in KiB, MiB, GiB (the default on a terminal)")  # fmt: skip
+    u.add_argument("--bytes", dest="human", action="store_false", help="sizes in bytes")
+    u.add_argument("--json", action="store_true", help="print JSON (sizes in bytes)")
 
-    e = sub.add_parser(
-        "enable-fs-verity", help="enable kernel fs-verity on every blob and check the chain"
+    n = _command(
+        sub,
+        "inspect",
+        "show what an image is",
+        "Its manifest digest and fs-verity digest (what mount --digest takes), sizes, "
+        "chunk count, compression and chunk sizes, metadata layers, times, inode counts "
+        "and annotations, as skopeo inspect and unsquashfs -s show them.",
+        ["puzzlefs inspect oci:v1", "puzzlefs inspect --json oci:v1"],
+        cmd_inspect,
+    )
+    n.add_argument("image", metavar="OCI_DIR:TAG")
+    n.add_argument("--json", action="store_true", help="print JSON")
+
+    ls = _command(
+        sub,
+        "ls",
+        "list the paths of an image",
+        "Every path at and below PATH (default: the whole image), as unsquashfs -l and "
+        "tar -t list them; -l adds mode, owner/group, size (major,minor for devices), "
+        "modification time (UTC) and symlink targets, as tar -tv.",
+        ["puzzlefs ls oci:v1", "puzzlefs ls -l oci:v1 usr/bin"],
+        cmd_ls,
+    )
+    ls.add_argument("image", metavar="OCI_DIR:TAG")
+    ls.add_argument("path", metavar="PATH", nargs="?", help="a path inside the image")
+    ls.add_argument("-l", "--long", action="store_true", help="long listing")
+
+    d = _command(
+        sub,
+        "diff",
+        "show what changed between two images",
+        "The paths the second adds, removes and changes (type, mode, owner, size, "
+        "content, xattrs, mtime), and the stored bytes it needs that the first does "
+        "not. SECOND is OCI_DIR:TAG, or a TAG of FIRST's OCI_DIR.",
+        [
+            "puzzlefs diff oci:v1 v2",
+            "puzzlefs diff oci:v1 other-oci:v1",
+            "puzzlefs diff --json oci:v1 v2",
+        ],
+        cmd_diff,
+    )
+    d.add_argument("first", metavar="FIRST")
+    d.add_argument("second", metavar="SECOND")
+    d.add_argument("--json", action="store_true", help="print JSON")
+
+    e = _command(
+        sub,
+        "enable-fs-verity",
+        "enable kernel fs-verity on every blob and check the chain",
+        "Enables fs-verity on the manifest, rootfs, config and every chunk blob, and "
+        "checks each measurement against the chain that starts at MANIFEST_DIGEST. On "
+        "a kernel or filesystem without fs-verity it says so and fails.",
+        ["puzzlefs enable-fs-verity oci:v1 HEX"],
+        cmd_enable_fs_verity,
     )
     e.add_argument("image", metavar="OCI_DIR:TAG")
     e.add_argument("digest", metavar="MANIFEST_DIGEST", help="as printed by build")
-    e.set_defaults(func=cmd_enable_fs_verity)
 
-    tg = sub.add_parser("tags", help="list the tags of an OCI layout")
+    tg = _command(
+        sub,
+        "tags",
+        "list the tags of an OCI layout",
+        "One per line, sorted; --json adds each manifest's digest and size.",
+        ["puzzlefs tags oci", "puzzlefs tags --json oci"],
+        cmd_tags,
+    )
     tg.add_argument("oci_dir", metavar="OCI_DIR")
     tg.add_argument("--json", action="store_true", help="with manifest digests and sizes")
-    tg.set_defaults(func=cmd_tags)
 
-    r = sub.add_parser(
+    r = _command(
+        sub,
         "rm",
-        help="remove tags (their blobs stay until gc)",
-        description="Remove tags from an OCI layout's index.json. The blobs they used "
-        "stay until `puzzlefs gc OCI_DIR` removes those no other tag needs.",
+        "remove tags (their blobs stay until gc)",
+        "Remove tags from an OCI layout's index.json. The blobs they used stay until "
+        "`puzzlefs gc OCI_DIR` removes those no other tag needs.",
+        ["puzzlefs rm oci:v1", "puzzlefs rm oci:v1 oci:v2 && puzzlefs gc oci"],
+        cmd_rm,
     )
     r.add_argument("images", nargs="+", metavar="OCI_DIR:TAG")
-    r.set_defaults(func=cmd_rm)
 
-    g = sub.add_parser(
+    g = _command(
+        sub,
         "gc",
-        help="remove the blobs no tag needs",
-        description="Remove every blob of OCI_DIR that no manifest in its index.json "
-        "reaches (left by rebuilt or removed tags, or by failed builds). It waits for "
-        "builds in progress to commit first, and they wait for it.",
+        "remove the blobs no tag needs",
+        "Remove every blob of OCI_DIR that no manifest in its index.json reaches (left "
+        "by rebuilt or removed tags, or by failed builds). It waits for builds in "
+        "progress to commit first, and they wait for it. It refuses a store shared "
+        "with other layouts (blobs/sha256 a symlink): their tags cannot be seen here.",
+        ["puzzlefs gc --dry-run oci", "puzzlefs gc oci"],
+        cmd_gc,
     )
     g.add_argument("oci_dir", metavar="OCI_DIR")
     g.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     g.add_argument("--json", action="store_true", help="print a JSON report")
-    g.set_defaults(func=cmd_gc)
 
-    m = sub.add_parser(
+    m = _command(
+        sub,
         "mount",
-        help="mount an image read-only with FUSE",
-        description="Mount an image read-only with FUSE. In the background (the default) "
-        "the command returns once the mount is live, or fails with the reason; the "
-        "daemon then logs to syslog (/dev/log), or to --log-file. With -f it stays in "
-        "the foreground, logs to stderr, and unmounts on Ctrl-C or SIGTERM. SIGTERM to "
-        "the daemon, or `puzzlefs umount`, unmounts cleanly.",
+        "mount an image with FUSE, read-only or with a writable overlay",
+        "In the background (the default) the command returns once the mount is live, "
+        "or fails with the reason, leaving nothing mounted; the daemon then logs to "
+        "syslog (/dev/log), or to --log-file. With -f it stays in the foreground, logs "
+        "to stderr, and unmounts on Ctrl-C or SIGTERM. `puzzlefs umount`, or SIGTERM to "
+        "the daemon, unmounts cleanly."
+        "\n\nThe mount is nosuid,nodev by default, as FUSE mounts are: for chroot or "
+        "container use (device nodes such as /dev/null, setuid binaries) give -o "
+        "dev,suid. Files show the modification times the image keeps (0, the epoch, "
+        "for images built with --no-mtimes or by the reference)."
+        "\n\n-w and -p put an overlayfs on top (root only): -w with a temporary upper "
+        "layer that umount removes, -p with one kept in UPPERDIR. The mount-helper form "
+        "`mount OCI_DIR:TAG -w DIR MOUNTPOINT` is -p DIR.",
+        [
+            "puzzlefs mount oci:v1 /mnt/image",
+            "puzzlefs mount -o dev,suid oci:v1 /mnt/root && chroot /mnt/root sh",
+            "puzzlefs mount -w oci:v1 /mnt/writable",
+            "puzzlefs mount --digest HEX oci:v1 /mnt/verified",
+            "puzzlefs umount /mnt/image",
+        ],
+        cmd_mount,
     )
     m.add_argument("image", metavar="OCI_DIR:TAG")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
@@ -559,9 +880,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="OPT,...",
         action="append",
         default=[],
-        help="FUSE mount options (allow_other, allow_root, default_permissions, dev, suid, "
-        "exec, noatime, fsname=, subtype=, nonempty, ...); always ro, and by default "
-        "default_permissions,fsname=OCI_DIR:TAG,subtype=puzzlefs",
+        help="mount options: allow_other, allow_root, dev, suid, exec, noatime, fsname=, "
+        "subtype=, max_read=, nonempty; always ro and default_permissions, and by "
+        "default nosuid,nodev,fsname=OCI_DIR:TAG,subtype=puzzlefs",
     )
     m.add_argument(
         "-d",
@@ -580,6 +901,19 @@ def _parser() -> argparse.ArgumentParser:
         "--log-file",
         metavar="FILE",
         help="append the daemon's log to FILE (default: syslog; with -f: stderr)",
+    )
+    m.add_argument(
+        "-w",
+        "--writable",
+        action="store_true",
+        help="make the mount writable: an overlayfs whose upper layer is a temporary"
+        " directory, removed by umount (root only)",
+    )
+    m.add_argument(
+        "-p",
+        "--persist",
+        metavar="UPPERDIR",
+        help="make the mount writable and keep the changes in UPPERDIR, across mounts (root only)",
     )
     reg = m.add_argument_group(
         "from a registry (docker://HOST[:PORT]/REPO[:TAG])",
@@ -606,21 +940,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("--cache-dir", metavar="DIR", help="instead of the cache directory above")
     _add_registry_options(reg)
-    m.set_defaults(func=cmd_mount)
 
-    u = sub.add_parser("umount", help="unmount a puzzlefs mount")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
-    u.set_defaults(func=cmd_umount)
+    um = _command(
+        sub,
+        "umount",
+        "unmount a puzzlefs mount",
+        "Refuses anything that is not a puzzlefs mount. A writable mount (-w, -p) goes "
+        "with its overlay and, for -w, its temporary upper layer. A busy mount is left "
+        "as it is, with an error saying so.",
+        ["puzzlefs umount /mnt/image"],
+        cmd_umount,
+    )
+    um.add_argument("mountpoint", metavar="MOUNTPOINT")
 
-    i = sub.add_parser(
+    i = _command(
+        sub,
         "import",
-        help="import an OCI image of tar layers (docker, skopeo, umoci, buildah)",
-        description="Import an OCI image layout whose layers are tars (plain, gzip or zstd; "
-        "OCI or Docker media types; an image index gives linux on this machine's "
-        "architecture) as a puzzlefs image, without extracting it: the layers are "
-        "applied with the OCI whiteout rules and the result equals `build` of the "
-        "unpacked tree. Every blob is checked against its digest; the uncompressed "
-        "layers are spooled in a temporary directory, removed afterwards.",
+        "import an OCI image of tar layers (docker, skopeo, umoci, buildah)",
+        "Import an OCI image layout whose layers are tars (plain, gzip or zstd; OCI or "
+        "Docker media types; an image index gives linux on this machine's architecture) "
+        "as a puzzlefs image, without extracting it: the layers are applied with the OCI "
+        "whiteout rules and the result equals `build` of the unpacked tree. Every blob "
+        "is checked against its digest; the uncompressed layers are spooled in a "
+        "temporary directory, removed afterwards.",
+        [
+            "skopeo copy docker://debian:bookworm oci:debian:bookworm",
+            "puzzlefs import debian:bookworm oci:bookworm",
+        ],
+        cmd_import,
     )
     i.add_argument("source", metavar="SRC_OCI_DIR:TAG", help="the image to import")
     i.add_argument("image", metavar="OCI_DIR:TAG", help="where to store it, and its tag")
@@ -636,7 +983,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to spool the uncompressed layers (default: $TMPDIR, else /var/tmp)",
     )
-    i.set_defaults(func=cmd_import)
+    i.add_argument(
+        "--max-layer-size",
+        metavar="SIZE",
+        help="refuse a layer that expands to more than SIZE uncompressed (sparse files"
+        " at their full size), e.g. 10G; default: what the spool's filesystem has free"
+        " (the spool never takes more than that, less a reserve, in any case)",
+    )
     _add_registry_parsers(sub)
     return p
 
@@ -645,11 +998,24 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+class _Warnings(logging.Handler):
+    """Library warnings (an index rebuilt, a problem hidden) as ``warning:`` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM and SIGHUP unwind like Ctrl-C: a build stops its workers, an extract
     # or export removes what it wrote, and the exit code says which signal it was.
+    # (The entry point, puzzlefs.__main__, leaves SIGINT at its default action until
+    # here: now it becomes KeyboardInterrupt, caught below.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(_Warnings(logging.WARNING))
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # see puzzlefs._entry
         parser = _parser()
@@ -658,25 +1024,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except PuzzleFSError as e:
         return _fail(e, str(e), e.exit_code)
+    except BrokenPipeError:  # `puzzlefs ls ... | head`: the reader has all it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        return _fail(e, f"{e.strerror or e}{where}", 1)
+        return _fail(e, f"{e.strerror or e}{where}", EXIT_ERROR)
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Terminated as e:
         print(f"Error: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a bug: still one line, the traceback on request
         return _fail(
-            e, f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)", 70
+            e,
+            f"internal error: {type(e).__name__}: {e} (PUZZLEFS_DEBUG=1 shows more)",
+            EXIT_INTERNAL,
         )
 
 
 def _fail(e: BaseException, message: str, code: int) -> int:
     if os.environ.get("PUZZLEFS_DEBUG"):
         raise e
-    print(f"Error: {message}", file=sys.stderr)
+    print(f"Error: {one_line(message)}", file=sys.stderr)
     return code
 
 

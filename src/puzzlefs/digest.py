@@ -21,14 +21,14 @@ class Digest:
 
     def __post_init__(self) -> None:
         if not isinstance(self.hex, str) or not _HEX.fullmatch(self.hex):
-            raise InvalidDigest(f"invalid sha256 digest: {self.hex!r}")
+            raise InvalidDigest(f"invalid sha256 digest: {_show(self.hex)}")
 
     @classmethod
     def parse(cls, text: str) -> Digest:
         """Parse ``sha256:<hex>`` (the OCI form)."""
         algo, sep, hexpart = text.partition(":")
         if not sep or algo != ALGORITHM:
-            raise InvalidDigest(f"unsupported or malformed digest: {text!r}")
+            raise InvalidDigest(f"unsupported or malformed digest: {_show(text)}")
         return cls(hexpart)
 
     @classmethod
@@ -47,3 +47,9 @@ class Digest:
 
     def __str__(self) -> str:
         return f"{ALGORITHM}:{self.hex}"
+
+
+def _show(value: object) -> str:
+    """A hostile value in a message: quoted, and cut short (it may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:72] + "...'"

@@ -15,8 +15,10 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from puzzlefs.errors import MetadataError
+from puzzlefs._limits import MAX_MAJOR, MAX_MINOR, device_in_range
+from puzzlefs.errors import MetadataError, one_line
 from puzzlefs.format import Inode, Kind
+from puzzlefs.progress import Progress
 from puzzlefs.reader import Image
 
 __all__ = ["export_tar"]
@@ -80,7 +82,9 @@ def _walk_sorted(image: Image) -> Iterator[tuple[bytes, Inode]]:
             stack.append(children(path, inode))
 
 
-def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
+def export_tar(
+    image: Image, out: BinaryIO, warn: bool = True, progress: Progress | None = None
+) -> list[str]:
     """Write the image's tree to ``out`` as a tar; return the warnings."""
     warnings: list[str] = []
     first_path: dict[int, str] = {}
@@ -104,12 +108,17 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
             info.uid, info.gid = inode.uid, inode.gid
             info.uname = info.gname = ""
             info.mode = inode.permissions
-            info.pax_headers = {
-                "SCHILY.xattr." + key.decode("utf-8", "surrogateescape"): value.decode(
-                    "utf-8", "surrogateescape"
-                )
-                for key, value in inode.xattrs
-            }
+            info.pax_headers = {}
+            for key, value in inode.xattrs:
+                try:  # a pax keyword is UTF-8 (its value may be any bytes)
+                    keyword = "SCHILY.xattr." + key.decode("utf-8")
+                except UnicodeDecodeError:
+                    warnings.append(
+                        f"{name}: xattr {key!r} has a name that is not UTF-8, which a tar"
+                        " cannot hold; left out"
+                    )
+                    continue
+                info.pax_headers[keyword] = value.decode("utf-8", "surrogateescape")
             if nsec:  # the exact time, as GNU tar writes it in pax
                 info.pax_headers["mtime"] = f"{sec}.{nsec:09d}".rstrip("0")
             fileobj = None
@@ -125,9 +134,21 @@ def export_tar(image: Image, out: BinaryIO, warn: bool = True) -> list[str]:
                 elif inode.kind is Kind.LNK:
                     info.linkname = os.fsdecode(inode.symlink_target or b"")
                 elif inode.kind in (Kind.CHR, Kind.BLK):
+                    if not device_in_range(inode.major, inode.minor):
+                        # (nor could tar hold it: its fields stop at 2^21 - 1)
+                        raise MetadataError(
+                            f"{name}: device {inode.major}:{inode.minor} is beyond what"
+                            f" Linux can create (majors up to {MAX_MAJOR}, minors up to"
+                            f" {MAX_MINOR})"
+                        )
                     info.devmajor, info.devminor = inode.major, inode.minor
             tar.addfile(info, fileobj)
+            if progress and fileobj is not None:
+                progress.add("files")
+                progress.add("bytes", inode.size)
+    if progress:
+        progress.done()
     if warn:
         for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            print(f"warning: {one_line(w)}", file=sys.stderr)
     return warnings

@@ -12,14 +12,17 @@ modes last, deepest first, so a read-only directory can still be filled.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from puzzlefs.errors import ExtractError, MetadataError
+from puzzlefs._limits import MAX_MAJOR, MAX_MINOR, device_in_range
+from puzzlefs.errors import ExtractError, MetadataError, one_line
 from puzzlefs.format import Inode, Kind
 from puzzlefs.progress import Progress
 from puzzlefs.reader import Image, is_valid_name
@@ -48,11 +51,14 @@ def extract(
 ) -> ExtractStats:
     """Extract ``image`` into ``dest``, which must not exist or be an empty directory.
 
-    ``owners`` (default: when running as root) restores uid/gid.
+    ``owners`` (default: when running as root) restores uid/gid. On any failure or
+    interruption nothing is left: what was written is removed again (and ``dest``
+    itself, if this call made it), before the error goes on.
     """
     dest_path = Path(dest)
     if owners is None:
         owners = os.geteuid() == 0
+    made = not os.path.lexists(dest_path)
     try:
         dest_path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -61,7 +67,42 @@ def extract(
         raise ExtractError(f"{dest_path} is not a directory")
     if any(dest_path.iterdir()):
         raise ExtractError(f"{dest_path} is not empty")
-    return _Extractor(image, dest_path, owners, progress).run()
+    try:
+        return _Extractor(image, dest_path, owners, progress).run()
+    except BaseException:
+        _remove_written(dest_path, made)
+        raise
+
+
+def _remove_written(dest: Path, made: bool) -> None:
+    """Undo a failed extraction. rmtree works through directory descriptors and never
+    follows a symlink; a directory already given a read-only mode is opened up and
+    tried again."""
+    with contextlib.suppress(OSError):
+        os.chmod(dest, 0o700)
+    if made:
+        _rmtree(str(dest))
+        return
+    with os.scandir(dest) as it:
+        for entry in list(it):
+            if entry.is_dir(follow_symlinks=False):
+                _rmtree(entry.path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def _rmtree(path: str) -> None:
+    def opened_up(func: object, failed: str, exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+                _rmtree(failed)
+            else:
+                os.unlink(failed)
+
+    shutil.rmtree(path, onerror=opened_up)
 
 
 class _Extractor:
@@ -162,7 +203,15 @@ class _Extractor:
                 Kind.FIFO: stat.S_IFIFO,
                 Kind.SOCK: stat.S_IFSOCK,
             }[kind]
-            dev = os.makedev(inode.major, inode.minor) if kind in (Kind.CHR, Kind.BLK) else 0
+            dev = 0
+            if kind in (Kind.CHR, Kind.BLK):
+                if not device_in_range(inode.major, inode.minor):
+                    raise ExtractError(
+                        f"{os.fsdecode(path)}: device {inode.major}:{inode.minor} is beyond"
+                        f" what Linux can create (majors up to {MAX_MAJOR}, minors up to"
+                        f" {MAX_MINOR})"
+                    )
+                dev = os.makedev(inode.major, inode.minor)
             self._create(dirfd, name, path, lambda: os.mknod(name, fmt | 0o600, dev, dir_fd=dirfd))
         else:
             self.stats.warnings.append(f"{os.fsdecode(path)}: skipped inode of unknown type")
@@ -263,4 +312,4 @@ def _write_sparse(fd: int, data: bytes, offset: int) -> None:
 
 def warn(stats: ExtractStats) -> None:
     for w in stats.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {one_line(w)}", file=sys.stderr)

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
+import re
 import stat
 import tarfile
 import tempfile
@@ -55,11 +55,30 @@ from typing import IO, Any, cast
 
 import zstandard
 
+from puzzlefs._files import open_regular
+from puzzlefs._limits import (
+    MAX_MAJOR,
+    MAX_MINOR,
+    NAME_MAX,
+    PATH_MAX,
+    XATTR_NAME_MAX,
+    XATTR_NAMESPACES,
+    XATTR_SIZE_MAX,
+    device_in_range,
+)
 from puzzlefs.builder import BuildResult, build_tree
 from puzzlefs.builder.walk import Node, Region, Tree
 from puzzlefs.chunking import ChunkParams
 from puzzlefs.compression import ZstdOptions
-from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError, TagNotFound, UsageError
+from puzzlefs.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    ImageError,
+    LayerError,
+    LayerTooLarge,
+    TagNotFound,
+    UsageError,
+)
 from puzzlefs.format import ROOT_INO, Ino
 from puzzlefs.oci import (
     ANNOTATION_REF_NAME,
@@ -71,14 +90,10 @@ from puzzlefs.oci import (
     ImageLayout,
     Manifest,
 )
-from puzzlefs.oci.layout import MAX_JSON_BLOB, MEDIA_TYPE_INDEX, host_architecture
+from puzzlefs.oci.layout import MAX_JSON_BLOB, MEDIA_TYPE_INDEX, host_architecture, load_json
 from puzzlefs.progress import Progress
 
 __all__ = ["LayerError", "TarStat", "import_image", "read_image_tree"]
-
-
-class LayerError(ImageError):
-    """A source image or one of its tar layers that cannot be imported safely."""
 
 
 MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -100,6 +115,7 @@ _LAYER_TYPES = {
 }
 
 _READ_SIZE = 1 << 20
+_HEX_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _MAX_SYMLINK_HOPS = 40
 _MAX_INDEX_DEPTH = 4
 _WH = b".wh."
@@ -137,24 +153,22 @@ class _SourceImage:
 def _read_blob(layout: ImageLayout, desc: Descriptor, what: str) -> bytes:
     if desc.size > MAX_JSON_BLOB:
         raise LayerError(f"{what} is implausibly large ({desc.size} bytes)")
-    try:
-        data = layout.blobs.get(desc.digest)  # sha256 checked
+    try:  # the size checked before reading, the sha256 after
+        return layout.blobs.get(desc.digest, size=desc.size)
     except BlobNotFound:
         raise BlobNotFound(f"{what} {desc.digest} is missing from {layout.path}") from None
-    if len(data) != desc.size:
-        raise LayerError(f"{what} {desc.digest}: size {len(data)}, its descriptor says {desc.size}")
-    return data
+    except DigestMismatch:
+        raise
+    except ImageError as e:  # not a regular file, or not its descriptor's size
+        raise LayerError(f"{what}: {e}") from None
 
 
 def _read_json_blob(layout: ImageLayout, desc: Descriptor, what: str) -> dict[str, Any]:
     data = _read_blob(layout, desc, what)
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LayerError(f"{what} {desc.digest} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise LayerError(f"{what} {desc.digest} is not a JSON object")
-    return obj
+        return load_json(data, f"{what} {desc.digest}")
+    except ImageError as e:  # not JSON, not an object, nested too deeply
+        raise LayerError(str(e)) from None
 
 
 def _platform_of(desc: Descriptor) -> str:
@@ -296,21 +310,82 @@ _DECODERS: dict[str, Callable[[_BlobReader, Callable[[bytes], object]], None]] =
 }
 
 
-def _spool_layer(source: _SourceImage, i: int, spool: Path, progress: Progress | None) -> None:
+class _Budget:
+    """How much the spool may hold, so that a gzip bomb or a sparse member that
+    declares 10 GiB is refused, not spooled until the disk is full.
+
+    - Bytes written to the spool never exceed its filesystem's free space at the start
+      less a reserve (a twentieth of the filesystem, at most half of what is free), for
+      everyone else on that disk.
+    - A layer's uncompressed size, sparse files counted at their full size (what the
+      build then reads), is capped by ``max_layer_size`` when given, else by the same
+      free-space figure.
+    """
+
+    def __init__(self, spool_dir: Path, max_layer_size: int | None) -> None:
+        st = os.statvfs(spool_dir)
+        free = st.f_bavail * st.f_frsize
+        self.disk = free - min(free // 2, st.f_blocks * st.f_frsize // 20)
+        self.spool_dir = spool_dir
+        self.max_layer_size = max_layer_size
+        self.written = 0  # real bytes in the spool, all layers
+        self.layer = 0  # this layer's uncompressed size
+
+    def start_layer(self) -> None:
+        self.layer = 0
+
+    def add(self, what: str, written: int, apparent: int | None = None) -> None:
+        """``written`` bytes go to disk; the layer grows by ``apparent`` (default the
+        same). Raises LayerTooLarge before they would exceed a limit."""
+        grow = written if apparent is None else apparent
+        if self.max_layer_size is not None and self.layer + grow > self.max_layer_size:
+            raise LayerTooLarge(
+                f"{what}: more than {_human(self.max_layer_size)} uncompressed (--max-layer-size)"
+            )
+        if self.max_layer_size is None and self.layer + grow > self.disk:
+            raise LayerTooLarge(
+                f"{what}: expands to more than {_human(self.disk)} uncompressed, more than"
+                f" {self.spool_dir} can spool (give a larger --tmpdir, or --max-layer-size"
+                " to allow more sparse data)"
+            )
+        if self.written + written > self.disk:
+            raise LayerTooLarge(
+                f"{what}: the layers expand to more than {_human(self.disk)}, more than"
+                f" {self.spool_dir} can spool (give --tmpdir on a larger filesystem)"
+            )
+        self.layer += grow
+        self.written += written
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _spool_layer(
+    source: _SourceImage, i: int, spool: Path, progress: Progress | None, budget: _Budget
+) -> None:
     """Decompress layer ``i`` (1-based) into ``spool``, checking its digests."""
     desc = source.layers[i - 1]
     what = f"{source.name}: layer {i} ({desc.digest})"
     compression = _LAYER_TYPES[desc.media_type]
-    try:
-        f = open(source.layout.blobs.path(desc.digest), "rb")  # noqa: SIM115
+    try:  # a regular file only (a FIFO would hang the import), its size checked first
+        fd, size = open_regular(source.layout.blobs.path(desc.digest), f"{what}: the blob")
     except FileNotFoundError:
         raise BlobNotFound(f"{what}: blob missing from {source.layout.path}") from None
     except OSError as e:
         raise LayerError(f"{what}: cannot read the blob: {e.strerror}") from None
+    f = os.fdopen(fd, "rb")
     uncompressed = hashlib.sha256()
     check_diff_id = source.diff_ids is not None and compression != "none"
+    budget.start_layer()
 
     def write(data: bytes) -> None:
+        budget.add(what, len(data))
         if check_diff_id:
             uncompressed.update(data)
         out.write(data)
@@ -318,13 +393,14 @@ def _spool_layer(source: _SourceImage, i: int, spool: Path, progress: Progress |
             progress.add("bytes", len(data))
 
     with f, open(spool, "wb") as out:
-        size = os.fstat(f.fileno()).st_size
         if size != desc.size:
             raise LayerError(f"{what}: blob size {size}, the manifest says {desc.size}")
         reader = _BlobReader(f, desc.size)
         failure: str | None = None
         try:
             _DECODERS[compression](reader, write)
+        except LayerTooLarge:
+            raise
         except LayerError as e:
             failure = str(e)
         except (zlib.error, zstandard.ZstdError) as e:
@@ -344,6 +420,9 @@ def _spool_layer(source: _SourceImage, i: int, spool: Path, progress: Progress |
     if source.diff_ids is not None:  # the uncompressed tar is what the config says
         expected = source.diff_ids[i - 1]
         actual = uncompressed.hexdigest() if check_diff_id else desc.digest.hex
+        if not _HEX_DIGEST.fullmatch(expected):
+            shown = expected if len(expected) <= 80 else expected[:72] + "..."
+            raise LayerError(f"{what}: its config diff_id {shown!r} is not a sha256 digest")
         if expected != f"sha256:{actual}":
             raise DigestMismatch(
                 f"{what} uncompressed (config diff_ids)", expected.removeprefix("sha256:"), actual
@@ -383,9 +462,16 @@ def _components(name: bytes, what: str, kind: str = "name") -> tuple[bytes, ...]
         raise LayerError(f"{what}: empty {kind}")
     if name.startswith(b"/"):
         raise LayerError(f"{what}: absolute {kind} {_show(name)}")
+    if b"\0" in name:
+        raise LayerError(f"{what}: {kind} {_show(name)} has a NUL byte")
     comps = tuple(c for c in name.split(b"/") if c not in (b"", b"."))
     if b".." in comps:
         raise LayerError(f"{what}: {kind} {_show(name)} has a '..' component")
+    for c in comps:
+        if len(c) > NAME_MAX:
+            raise LayerError(f"{what}: a {kind} component longer than {NAME_MAX} bytes")
+    if len(name) >= PATH_MAX:
+        raise LayerError(f"{what}: a {kind} longer than {PATH_MAX - 1} bytes")
     return comps
 
 
@@ -415,23 +501,30 @@ def _xattrs(pax: Mapping[str, str], what: str) -> list[tuple[bytes, bytes]]:
                 out.setdefault(key, base64.b64decode(v, validate=True))
             except ValueError:
                 raise LayerError(f"{what}: xattr {_show(key)} is not base64") from None
-    if b"" in out:
-        raise LayerError(f"{what}: an xattr with an empty name")
+    for key, value in out.items():
+        if not key.startswith(XATTR_NAMESPACES) or key in XATTR_NAMESPACES or b"\0" in key:
+            raise LayerError(f"{what}: xattr {_show(key)} is not a name Linux can set")
+        if len(key) > XATTR_NAME_MAX:
+            raise LayerError(f"{what}: xattr name longer than {XATTR_NAME_MAX} bytes")
+        if len(value) > XATTR_SIZE_MAX:
+            raise LayerError(f"{what}: xattr {_show(key)} larger than {XATTR_SIZE_MAX} bytes")
     # A pax record with an empty value deletes the keyword (POSIX pax; Go's archive/tar,
     # so docker, containerd and umoci, drop such xattrs; Python's tarfile keeps them).
     return sorted((k, v) for k, v in out.items() if v)
 
 
-def _read_layer(spool: Path, where: str, sparse_spool: Path) -> _Layer:
+def _read_layer(spool: Path, where: str, sparse_spool: Path, budget: _Budget) -> _Layer:
     """Every member of one uncompressed layer, checked; contents stay in the spool."""
     layer = _Layer()
     spool_b = os.fsencode(spool)
     spool_size = spool.stat().st_size
-    sparse_out: IO[bytes] | None = None
+    sparse = _SparseSpool(sparse_spool, spool, spool_size)
     try:
         tar = tarfile.open(spool, "r:", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
     except (tarfile.TarError, EOFError) as e:
         raise LayerError(f"{where}: not a tar archive ({e})") from None
+    except (ValueError, OverflowError) as e:  # pax numbers tarfile cannot parse
+        raise LayerError(f"{where}: not a valid tar archive ({e})") from None
     try:
         with tar:
             try:
@@ -443,22 +536,22 @@ def _read_layer(spool: Path, where: str, sparse_spool: Path) -> _Layer:
                         layer.whiteouts.append(member)
                         continue
                     if member.region is not None:
+                        what = f"{where}: {_show(member.name)}"
                         if info.sparse is not None:  # GNU sparse: expand the holes
-                            if sparse_out is None:
-                                sparse_out = open(sparse_spool, "wb")  # noqa: SIM115
-                            member.region = _expand_sparse(tar, info, sparse_out, sparse_spool)
+                            member.region = sparse.add(info, what, budget)
                         elif info.offset_data + info.size > spool_size:
-                            raise LayerError(f"{where}: {_show(member.name)} is truncated")
+                            raise LayerError(f"{what} is truncated")
                         else:
                             member.region = Region(spool_b, info.offset_data, info.size)
                     layer.members.append(member)
                     tar.members.clear()  # type: ignore[attr-defined]  # keep only our records
             except (tarfile.TarError, EOFError) as e:
                 raise LayerError(f"{where}: corrupt tar archive ({e})") from None
+            except (ValueError, OverflowError) as e:  # as above: tarfile's own int()s
+                raise LayerError(f"{where}: corrupt tar archive ({e})") from None
             _check_end(tar, spool, where)
     finally:
-        if sparse_out is not None:
-            sparse_out.close()
+        sparse.close()
     return layer
 
 
@@ -472,18 +565,62 @@ def _check_end(tar: tarfile.TarFile, spool: Path, where: str) -> None:
         raise LayerError(f"{where}: invalid tar header at offset {tar.offset}")
 
 
-def _expand_sparse(
-    tar: tarfile.TarFile, info: tarfile.TarInfo, out: IO[bytes], path: Path
-) -> Region:
-    start = out.tell()
-    src = tar.extractfile(info)
-    assert src is not None
-    with src:
-        while data := src.read(_READ_SIZE):
-            out.write(data)
-    length = out.tell() - start
-    out.flush()
-    return Region(os.fsencode(path), start, length)
+class _SparseSpool:
+    """GNU sparse members of one layer, expanded one after another into one file whose
+    holes stay holes: a member that declares 10 GiB of holes costs no disk (its size
+    still counts against the layer's limit, as the build reads all of it)."""
+
+    def __init__(self, path: Path, tar_spool: Path, tar_size: int) -> None:
+        self.path = path
+        self._tar_spool = tar_spool
+        self._tar_size = tar_size
+        self._fd: int | None = None
+        self._src: int | None = None
+        self._end = 0
+
+    def add(self, info: tarfile.TarInfo, what: str, budget: _Budget) -> Region:
+        # (offset, length) of each data run, in file order (typeshed says bytes: wrong)
+        segments = cast(list[tuple[int, int]], info.sparse or [])
+        pos = 0
+        for offset, length in segments:
+            if offset < pos or length < 0 or offset + length > info.size:
+                raise LayerError(f"{what}: a corrupt GNU sparse map")
+            pos = offset + length
+        stored = sum(length for _, length in segments)
+        if info.offset_data + stored > self._tar_size:
+            raise LayerError(f"{what} is truncated")
+        budget.add(what, stored, info.size)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._src = os.open(self._tar_spool, os.O_RDONLY | os.O_CLOEXEC)
+        assert self._src is not None
+        start = self._end
+        src = info.offset_data
+        for offset, length in segments:
+            done = 0
+            while done < length:
+                data = os.pread(self._src, min(_READ_SIZE, length - done), src + done)
+                if not data:
+                    raise LayerError(f"{what} is truncated")
+                _pwrite_all(self._fd, data, start + offset + done)
+                done += len(data)
+            src += length
+        self._end = start + info.size
+        os.ftruncate(self._fd, self._end)
+        return Region(os.fsencode(self.path), start, info.size)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._src):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._src = None
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _member(
@@ -493,7 +630,12 @@ def _member(
     what is skipped (aufs metadata)."""
     name = _b(info.name)
     what = f"{where}: {_show(name)}"
-    comps = _components(name, where, "member name")
+    if info.isdir() and all(c in (b"", b".") for c in name.split(b"/")):
+        # The root itself: `./` (tar, buildah, docker) or `/` (umoci), which tarfile
+        # gives as "." and "". It sets the root's owner, mode and xattrs, as tar does.
+        comps: tuple[bytes, ...] = ()
+    else:
+        comps = _components(name, where, "member name")
     if any(c.startswith(_WH_META) for c in comps[:-1]):
         return None  # aufs hard-link and metadata directories
     if any(c.startswith(_WH) for c in comps[:-1]):
@@ -509,6 +651,8 @@ def _member(
         return comps[:-1], leaf[len(_WH) :]
     if not (0 <= info.uid < 1 << 32 and 0 <= info.gid < 1 << 32):
         raise LayerError(f"{what}: owner {info.uid}:{info.gid} out of range")
+    if info.size < 0:
+        raise LayerError(f"{what}: a negative size")
     perms = info.mode & 0o7777
     xattrs = _xattrs(info.pax_headers, what)
     mtime = _mtime_ns(info)
@@ -523,18 +667,23 @@ def _member(
         raise LayerError(f"{what}: unsupported tar member type {info.type!r}")
     rdev = 0
     if bits in (stat.S_IFCHR, stat.S_IFBLK):
-        try:
-            rdev = os.makedev(info.devmajor, info.devminor)
-        except (OverflowError, ValueError):
+        major, minor = info.devmajor, info.devminor
+        if not device_in_range(major, minor):
             raise LayerError(
-                f"{what}: device {info.devmajor}:{info.devminor} out of range"
-            ) from None
+                f"{what}: device {major}:{minor} out of range (Linux allows majors up to"
+                f" {MAX_MAJOR} and minors up to {MAX_MINOR})"
+            )
+        rdev = os.makedev(major, minor)
     target = None
     size = 0
     if bits == stat.S_IFLNK:
         target = _b(info.linkname)
         if not target:
             raise LayerError(f"{what}: a symlink with an empty target")
+        if b"\0" in target:
+            raise LayerError(f"{what}: a symlink target with a NUL byte")
+        if len(target) >= PATH_MAX:
+            raise LayerError(f"{what}: a symlink target longer than {PATH_MAX - 1} bytes")
         size = len(target)
         perms = 0o777  # what lstat shows for every symlink on Linux, whatever tar says
     st = TarStat(bits | perms, info.uid, info.gid, rdev, size, mtime)
@@ -664,13 +813,19 @@ class _Merger:
         nodes = [root]
         first: dict[int, Ino] = {}  # id(_Entry) -> its number, for hard links
         next_ino = ROOT_INO + 1
-        stack = [(root, self.root)]
+        stack = [(root, self.root, b"")]
         while stack:
-            parent, pentry = stack.pop()
+            parent, pentry, ppath = stack.pop()
             assert pentry.children is not None
-            subdirs: list[tuple[Node, _Entry]] = []
+            subdirs: list[tuple[Node, _Entry, bytes]] = []
             for name in sorted(pentry.children):
                 e = pentry.children[name]
+                path = ppath + b"/" + name if ppath else name
+                if len(path) >= PATH_MAX:  # through symlinked parents, say
+                    raise LayerError(
+                        f"{os.fsdecode(e.where)}: its path in the image is longer than"
+                        f" {PATH_MAX - 1} bytes"
+                    )
                 ino = Ino(next_ino)
                 next_ino += 1
                 if e.children is None:
@@ -683,7 +838,7 @@ class _Merger:
                 nodes.append(n)
                 parent.entries.append((name, ino))
                 if e.children is not None:
-                    subdirs.append((n, e))
+                    subdirs.append((n, e, path))
             stack.extend(reversed(subdirs))
         nodes.sort(key=lambda n: n.ino)
         return Tree(nodes, Ino(next_ino - 1))
@@ -697,17 +852,21 @@ def read_image_tree(
     src_tag: str,
     spool_dir: str | os.PathLike[str],
     progress: Progress | None = None,
+    *,
+    max_layer_size: int | None = None,
 ) -> Tree:
     """The merged tree of an OCI image of tar layers, with file contents as regions of
-    spool files written into ``spool_dir`` (which must outlive the tree's use)."""
+    spool files written into ``spool_dir`` (which must outlive the tree's use).
+    ``max_layer_size``: the most a layer may hold uncompressed (see :class:`_Budget`)."""
     source = open_source(Path(src_dir), src_tag)
     spool_root = Path(spool_dir)
+    budget = _Budget(spool_root, max_layer_size)
     merger = _Merger()
     for i in range(1, len(source.layers) + 1):
         where = f"{source.name}: layer {i} ({source.layers[i - 1].digest})"
         spool = spool_root / f"layer-{i}.tar"
-        _spool_layer(source, i, spool, progress)
-        layer = _read_layer(spool, where, spool_root / f"layer-{i}.sparse")
+        _spool_layer(source, i, spool, progress, budget)
+        layer = _read_layer(spool, where, spool_root / f"layer-{i}.sparse", budget)
         for parent, name in layer.whiteouts:  # only the lower layers: first
             merger.whiteout(parent, name, where)
         for member in layer.members:
@@ -737,6 +896,7 @@ def import_image(
     params: ChunkParams | None = None,
     workers: int | None = None,
     tmp_dir: str | os.PathLike[str] | None = None,
+    max_layer_size: int | None = None,
     progress: bool = False,
     mtimes: bool = True,
 ) -> BuildResult:
@@ -745,7 +905,9 @@ def import_image(
     The result equals ``build`` of the tree that unpacking the image gives. Nothing is
     written to ``oci_dir`` unless every layer was read and checked; the uncompressed
     layers are spooled in a temporary directory (``tmp_dir``, default $TMPDIR or
-    /var/tmp) that is removed in every case.
+    /var/tmp) that is removed in every case. A layer may expand to at most
+    ``max_layer_size`` bytes (sparse files at their full size), and the spool never
+    to more than the free space of its filesystem (less a reserve).
     """
     dest = Path(oci_dir)
     if dest.exists() and not dest.is_dir():
@@ -762,6 +924,7 @@ def import_image(
             src_tag,
             spool_dir,
             Progress("reading layers", enabled=None if progress else False),
+            max_layer_size=max_layer_size,
         )
         return build_tree(
             tree,

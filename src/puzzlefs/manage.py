@@ -13,16 +13,16 @@ is refused: their tags cannot be seen from here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError, PuzzleFSError, TagNotFound, UsageError
 from puzzlefs.format import Kind, RootfsReader
 from puzzlefs.oci import MEDIA_TYPE_ROOTFS, Descriptor, ImageLayout
-from puzzlefs.oci.layout import MAX_JSON_BLOB
+from puzzlefs.oci.layout import MAX_JSON_BLOB, MAX_ROOTFS_BLOB, load_json
 
 __all__ = ["GcReport", "gc", "reachable_blobs", "remove_tags"]
 
@@ -96,18 +96,12 @@ def _reach(layout: ImageLayout, desc: Descriptor, keep: set[str], depth: int) ->
 def _json_blob(layout: ImageLayout, desc: Descriptor) -> dict[str, Any]:
     if desc.size > MAX_JSON_BLOB:
         raise ImageError(f"manifest {desc.digest} is implausibly large ({desc.size} bytes)")
-    data = layout.blobs.get(desc.digest)
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ImageError(f"manifest {desc.digest} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise ImageError(f"manifest {desc.digest} is not a JSON object")
-    return obj
+    data = layout.blobs.get(desc.digest, size=desc.size)  # size checked before reading
+    return load_json(data, f"manifest {desc.digest}")  # ImageError, nesting included
 
 
 def _reach_rootfs(layout: ImageLayout, desc: Descriptor, keep: set[str]) -> None:
-    reader = RootfsReader(layout.blobs.get(desc.digest))
+    reader = RootfsReader(layout.blobs.get(desc.digest, size=desc.size, limit=MAX_ROOTFS_BLOB))
     keep.update(raw.hex() for raw in reader.verity())
     for layer in range(reader.layer_count):
         for inode in reader.layer(layer):
@@ -129,32 +123,41 @@ def gc(layout: ImageLayout, *, dry_run: bool = False) -> GcReport:
             keep = reachable_blobs(layout)
         except PuzzleFSError as e:
             raise ImageError(f"gc refuses to run: {e} (fix or remove that tag first)") from None
-        with os.scandir(blob_dir) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".tmp-"):  # a killed writer's (none runs now)
-                    report.temporary += 1
-                    if not dry_run:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-                    continue
-                if name in keep:
-                    report.kept += 1
-                    continue
-                if not _is_blob_name(name) or not entry.is_file(follow_symlinks=False):
-                    continue  # not ours to judge
-                report.removed.append(name)
-                report.freed += entry.stat(follow_symlinks=False).st_size
+        for entry in _entries(blob_dir):
+            name = entry.name
+            if name.startswith(".tmp-"):  # a killed writer's (none runs now)
+                report.temporary += 1
                 if not dry_run:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
-        for leftover in layout.path.glob(".index.json.tmp-*"):
+                continue
+            if name in keep:
+                report.kept += 1
+                continue
+            if not _is_blob_name(name) or not entry.is_file(follow_symlinks=False):
+                continue  # not ours to judge
+            report.removed.append(name)
+            report.freed += entry.stat(follow_symlinks=False).st_size
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        # index.json's temporary files (puzzlefs._files; older versions' names too)
+        leftovers = [*layout.path.glob(".tmp-index.json-*"), *layout.path.glob(".index.json.tmp-*")]
+        for leftover in leftovers:
             report.temporary += 1
             if not dry_run:
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
     report.removed.sort()
     return report
+
+
+def _entries(blob_dir: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(blob_dir) as it:
+            return list(it)
+    except FileNotFoundError:  # no store: no blob to remove
+        return []
 
 
 def _is_blob_name(name: str) -> bool:

@@ -51,6 +51,7 @@ from puzzlefs.oci import (
     MEDIA_TYPE_TIMES,
     BlobStore,
     Descriptor,
+    DiskBlobStore,
     ImageLayout,
     Manifest,
     canonical_json,
@@ -87,6 +88,9 @@ def build_rootfs(
     files: dict[Ino, list[FileChunk]] = {}
     chunks: list[StoredChunk] = []
     regular = [(n.ino, n.content or n.path, n.st.st_size) for n in iter_regular(tree)]
+    if progress:
+        progress.expect("files", len(regular))
+        progress.expect("bytes", sum(size for _, _, size in regular))
     stream = FileStream(
         ((ino, source) for ino, source, _ in regular),
         on_file=(lambda n: progress.add("files")) if progress else None,
@@ -190,6 +194,7 @@ def build(
     workers: int | None = None,
     progress: Progress | None = None,
     mtimes: bool = True,
+    store: DiskBlobStore | None = None,
     manifest_limit: int = MANIFEST_LIMIT,
 ) -> BuildResult:
     """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``, on top of ``base_tag`` if
@@ -210,7 +215,8 @@ def build(
     reference's. On any failure every tag stays as it was (index.json is only replaced
     at the very end); chunks already stored stay for ``gc``, as another build may
     rely on them; a layout directory this build created is removed again when no
-    other build is using it.
+    other build is using it. ``store``: a store of ``oci_dir/blobs/sha256`` to use
+    (one that injects faults, for tests).
     """
     tree = walk(os.fsencode(Path(rootfs_dir)))  # before touching the destination
     return build_tree(
@@ -223,6 +229,7 @@ def build(
         workers=workers,
         progress=progress,
         mtimes=mtimes,
+        store=store,
         manifest_limit=manifest_limit,
     )
 
@@ -238,6 +245,7 @@ def build_tree(
     workers: int | None = None,
     progress: Progress | None = None,
     mtimes: bool = True,
+    store: DiskBlobStore | None = None,
     manifest_limit: int = MANIFEST_LIMIT,
 ) -> BuildResult:
     """Build an already numbered tree (from :func:`walk`, or a tar import)."""
@@ -247,7 +255,7 @@ def build_tree(
     if base_tag is not None and created:
         raise BuildError(f"{oci_path} does not exist, so it has no base tag {base_tag!r}")
     try:
-        layout = ImageLayout(oci_path, create=True)
+        layout = ImageLayout(oci_path, create=True, blobs=store)
     except OSError as e:
         raise BuildError(f"cannot create {oci_path}: {e.strerror}") from None
     try:

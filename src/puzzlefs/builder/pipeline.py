@@ -209,6 +209,7 @@ _Result = tuple[bytes, bytes, int, bool, bool]
 
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -231,9 +232,12 @@ def _start_worker(
     global _worker
     _die_with_parent(parent)
     # Ctrl-C and SIGTERM go to the whole process group: they are the main process's
-    # to handle (it stops the pool).
+    # to handle (it stops the pool). They were blocked across the fork (see
+    # _Workers.submit): ignored from here on, a pending one is dropped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _worker = (memoryview(shared), size, store, zstd, store_one)
 
 
@@ -269,6 +273,7 @@ class _Workers(_Pipeline[E]):
         self._free = deque(range(count))
         self._pending: deque[tuple[Future[list[_Result]] | None, int, list[E]]] = deque()
         self._on_stored = on_stored
+        self._started = False  # the workers are forked by the first submit
         # Imported here: most of multiprocessing, which small builds never need.
         from concurrent.futures import ProcessPoolExecutor
 
@@ -286,7 +291,19 @@ class _Workers(_Pipeline[E]):
         return index, self._buffers[index]
 
     def submit(self, index: int, spans: list[tuple[int, int]], kept: list[E]) -> None:
-        future = self._pool.submit(_store_task, index, spans) if spans else None
+        future: Future[list[_Result]] | None = None
+        if spans and not self._started:
+            # The first submit forks the workers: with the stop signals blocked, so that
+            # none can interrupt a child before it ignores them (a KeyboardInterrupt in
+            # an at-fork hook is printed as "Exception ignored").
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                future = self._pool.submit(_store_task, index, spans)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            self._started = True
+        elif spans:
+            future = self._pool.submit(_store_task, index, spans)
         self._pending.append((future, index, kept))
 
     def _settle(self) -> None:

@@ -37,8 +37,15 @@ class ChunkParams:
             raise UsageError(f"chunk sizes must satisfy 64 <= MIN <= AVG <= MAX: {self}")
         if self.avg & (self.avg - 1):
             raise UsageError(f"the average chunk size must be a power of two: {self.avg}")
-        if self.max > 16 * 1024 * 1024 or self.avg < 256 or self.max < 1024:
-            raise UsageError(f"chunk sizes out of range: {self}")
+        # The fastcdc crate's v2020 bounds (pyfastcdc has the same), in bytes.
+        if not (
+            self.min <= 1024 * 1024
+            and 256 <= self.avg <= 4 * 1024 * 1024
+            and 1024 <= self.max <= 16 * 1024 * 1024
+        ):
+            raise UsageError(
+                f"chunk sizes out of range: {self} (MIN at most 1M, AVG 256 to 4M, MAX 1K to 16M)"
+            )
 
     @classmethod
     def parse(cls, text: str) -> ChunkParams:
@@ -53,11 +60,11 @@ class ChunkParams:
 
 
 def parse_size(text: str) -> int:
-    """``65536``, ``64K``, ``64KiB``, ``1M``: a size in bytes."""
-    m = re.fullmatch(r"(\d+)([KkMm]?)(?:i?B)?", text.strip())
+    """``65536``, ``64K``, ``64KiB``, ``1M``, ``10G``: a size in bytes."""
+    m = re.fullmatch(r"(\d+)([KkMmGgTt]?)(?:i?B)?", text.strip())
     if not m:
         raise UsageError(f"not a size: {text!r}")
-    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(m.group(1)) * scale
 
 

@@ -9,6 +9,7 @@ and the zstd level (:class:`ZstdOptions`) default to the reference's.
 from puzzlefs.compression._seekable import (
     DEFAULT_FRAME_SIZE,
     DEFAULT_LEVEL,
+    MAX_CHUNK_SIZE,
     MAX_FRAME_DECOMPRESSED,
     MAX_LEVEL,
     REFERENCE_ZSTD,
@@ -24,6 +25,7 @@ from puzzlefs.compression._seekable import (
 __all__ = [
     "DEFAULT_FRAME_SIZE",
     "DEFAULT_LEVEL",
+    "MAX_CHUNK_SIZE",
     "MAX_FRAME_DECOMPRESSED",
     "MAX_LEVEL",
     "REFERENCE_ZSTD",

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import zstandard
 
-from puzzlefs.errors import ImageError
+from puzzlefs.errors import ImageError, OptionError
 
 DEFAULT_FRAME_SIZE = 4096
 DEFAULT_LEVEL = 3
@@ -32,9 +32,16 @@ SEEKABLE_MAGIC = 0x8F92EAB1
 _FOOTER = struct.Struct("<IBI")  # number_of_frames, descriptor, magic
 _SKIP_HEADER = struct.Struct("<II")  # magic, frame length
 _CHECKSUM_FLAG = 0x80
-# A frame may not claim to expand to more than this: hostile seek tables must not make
-# us allocate gigabytes. The reference writes 4 KiB frames; 16 MiB leaves room.
-MAX_FRAME_DECOMPRESSED = 16 * 1024 * 1024
+# The largest chunk there can be: FastCDC's largest maximum (the fastcdc crate's v2020
+# MAXIMUM_MAX; ChunkParams allows no more). A seek table that declares more, in one frame
+# or in all of them, is refused: a 34 KB blob must not make a reader allocate gigabytes.
+# A stored chunk blob is never larger either (a compressed chunk is stored only when it
+# is smaller than the raw one).
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+MAX_FRAME_DECOMPRESSED = MAX_CHUNK_SIZE
+# The zstd window a decoder needs for level 19 (our MAX_LEVEL), the most the zstd format
+# asks every decoder to support: a frame header asking for more is refused, not obeyed.
+MAX_WINDOW_SIZE = 8 * 1024 * 1024
 
 _FLUSH_FRAME = zstandard.FLUSH_FRAME
 
@@ -50,12 +57,12 @@ class ZstdOptions:
 
     def __post_init__(self) -> None:
         if not MIN_FRAME_SIZE <= self.frame_size <= MAX_FRAME_DECOMPRESSED:
-            raise ValueError(
+            raise OptionError(
                 f"the zstd frame size must be {MIN_FRAME_SIZE} bytes to"
                 f" {MAX_FRAME_DECOMPRESSED >> 20}M, got {self.frame_size}"
             )
         if not 1 <= self.level <= MAX_LEVEL:
-            raise ValueError(f"the zstd level must be 1 to {MAX_LEVEL}, got {self.level}")
+            raise OptionError(f"the zstd level must be 1 to {MAX_LEVEL}, got {self.level}")
 
 
 REFERENCE_ZSTD = ZstdOptions()
@@ -79,7 +86,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 def _decompressor() -> zstandard.ZstdDecompressor:
     d: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
     if d is None:
-        d = zstandard.ZstdDecompressor()
+        d = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
         _local.dctx = d
     return d
 
@@ -281,6 +288,16 @@ def _parse_seek_table(blob: memoryview) -> list[tuple[int, int]]:
     ]
     if sum(c for c, _ in sizes) != skip_start:
         raise ImageError("seek table does not match the compressed chunk's length")
-    if any(d > MAX_FRAME_DECOMPRESSED for _, d in sizes):
-        raise ImageError("seek table claims an oversized frame")
+    largest = max((d for _, d in sizes), default=0)
+    if largest > MAX_FRAME_DECOMPRESSED:
+        raise ImageError(
+            f"seek table declares a frame of {largest} bytes, more than a chunk can be"
+            f" ({MAX_CHUNK_SIZE})"
+        )
+    total = sum(d for _, d in sizes)
+    if total > MAX_CHUNK_SIZE:
+        raise ImageError(
+            f"seek table declares a chunk of {total} bytes, more than a chunk can be"
+            f" ({MAX_CHUNK_SIZE})"
+        )
     return sizes

@@ -313,7 +313,10 @@ class RootfsReader:
         """The chunk list of the ``index``-th inode of ``layer`` (a file)."""
         try:
             with self._open() as root:
-                return _decode_chunks(root.metadatas[layer].inodes[index].mode.file)
+                node = root.metadatas[layer].inodes[index]
+                return _decode_chunks(node.mode.file, node.ino)
+        except MetadataError:
+            raise
         except Exception as e:
             raise MetadataError(f"corrupt file inode in rootfs: {_short(e)}") from None
 
@@ -333,14 +336,28 @@ class RootfsReader:
 
 
 def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
+    """The reason alone: a KjException's description, without the source location in
+    front of it or the lines of stack addresses after it."""
+    description = getattr(e, "description", None)
+    text = description if isinstance(description, str) and description else str(e)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("stack:")]
+    return lines[-1] if lines else type(e).__name__
+
+
+# What the fields a reader uses may hold (the schema's types allow more): what a
+# kernel, tar or a file offset can represent. A value outside is a MetadataError
+# naming the inode, never an OverflowError or ValueError deep inside extract or a mount.
+MAX_DEVICE_NUMBER = (1 << 32) - 1  # dev_t's major and minor are 32 bits each
+MAX_FILE_SIZE = (1 << 63) - 1  # off_t
+MAX_PERMISSIONS = 0o7777
 
 
 def _decode_inode(node: Any, lazy: tuple[RootfsReader, int, int] | None = None) -> Inode:
     """``lazy``: (reader, layer, index) of ``node``, to decode its chunks on first use."""
     kind = Kind(str(node.mode.which()))
     inode = Inode(Ino(node.ino), kind, node.uid, node.gid, node.permissions)
+    if inode.permissions > MAX_PERMISSIONS:
+        raise MetadataError(f"inode {inode.ino}: permissions {inode.permissions:#o} out of range")
     mode = node.mode
     if kind is Kind.DIR:
         d = mode.dir
@@ -348,26 +365,47 @@ def _decode_inode(node: Any, lazy: tuple[RootfsReader, int, int] | None = None) 
         inode.entries = [DirEntry(Ino(e.ino), bytes(e.name)) for e in d.entries]
     elif kind is Kind.FILE:
         if lazy is None:
-            inode.chunks = _decode_chunks(mode.file)
+            inode.chunks = _decode_chunks(mode.file, inode.ino)
         else:
-            inode.chunks = LazyChunks(*lazy, sum(c.len for c in mode.file))
+            total = sum(c.len for c in mode.file)
+            if total > MAX_FILE_SIZE:
+                raise MetadataError(f"inode {inode.ino}: file size {total} out of range")
+            inode.chunks = LazyChunks(*lazy, total)
     elif kind is Kind.CHR:
         inode.major, inode.minor = mode.chr.major, mode.chr.minor
     elif kind is Kind.BLK:
         inode.major, inode.minor = mode.blk.major, mode.blk.minor
+    if inode.major > MAX_DEVICE_NUMBER or inode.minor > MAX_DEVICE_NUMBER:
+        raise MetadataError(
+            f"inode {inode.ino}: device number {inode.major}:{inode.minor} out of range"
+        )
     if node._has("additional"):
         add = node.additional
         inode.xattrs = [(bytes(x.key), bytes(x.val)) for x in add.xattrs]
+        for key, _ in inode.xattrs:
+            if not key or b"\0" in key:
+                raise MetadataError(f"inode {inode.ino}: invalid xattr name {key!r}")
         if add._has("symlinkTarget"):
             inode.symlink_target = bytes(add.symlinkTarget)
+    if kind is Kind.LNK and not inode.symlink_target:
+        raise MetadataError(f"inode {inode.ino}: a symlink without a target")
+    if inode.symlink_target is not None and b"\0" in inode.symlink_target:
+        raise MetadataError(f"inode {inode.ino}: a symlink target with a NUL byte")
     return inode
 
 
-def _decode_chunks(chunks: Any) -> list[FileChunk]:
+def _decode_chunks(chunks: Any, ino: int) -> list[FileChunk]:
     out = []
+    total = 0
     for c in chunks:
         b = c.blob  # each attribute access builds a new reader: once per chunk
-        out.append(FileChunk(BlobRef(bytes(b.digest), b.offset, b.compressed), c.len))
+        digest = bytes(b.digest)
+        if len(digest) != 32:
+            raise MetadataError(f"inode {ino}: a chunk digest of {len(digest)} bytes, not 32")
+        out.append(FileChunk(BlobRef(digest, b.offset, b.compressed), c.len))
+        total += c.len
+    if total > MAX_FILE_SIZE:
+        raise MetadataError(f"inode {ino}: file size {total} out of range")
     return out
 
 

@@ -149,6 +149,8 @@ FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 # struct fuse_dirent: ino, off, namelen, type; then the name, padded to 8 bytes
 DIRENT = struct.Struct("<QQII")
+# struct fuse_direntplus: an entry_out, then a dirent (the name follows, padded to 8)
+DIRENTPLUS = struct.Struct("<QQQQII" + _ATTR + "QQII")
 # struct fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize,
 # padding, spare[6]
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")

@@ -22,7 +22,7 @@ from puzzlefs.fuse import _abi
 from puzzlefs.fuse.session import Connection, FuseError, Reply, Request
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._data import ChunkReader
-from puzzlefs.reader._tables import Attr, Tables
+from puzzlefs.reader._tables import ENTRY, INODE, Attr, Tables
 
 __all__ = ["TIMEOUT", "ImageFS"]
 
@@ -106,13 +106,17 @@ class ImageFS:
             raise FuseError(errno.ENOENT)
         return self.tables.attr(row)
 
-    def _entry(self, row: int) -> bytes:
+    def _attr_fields(self, row: int) -> tuple[int, ...]:
+        """A row as the fields of struct fuse_attr (the times: mtime for all three)."""
         ino, size, mode, nlink, uid, gid, a, b, _, _, t, tn, _ = self.tables.raw_attr(row)
-        return _abi.ENTRY_OUT.pack(
-            ino, 0, TIMEOUT, TIMEOUT, 0, 0,
+        return (
             ino, size, (size + 511) >> 9, t, t, t, tn, tn, tn,
             mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
         )  # fmt: skip
+
+    def _entry(self, row: int) -> bytes:
+        fields = self._attr_fields(row)
+        return _abi.ENTRY_OUT.pack(fields[0], 0, TIMEOUT, TIMEOUT, 0, 0, *fields)
 
     # -- metadata -----------------------------------------------------------------
     def lookup(self, req: Request) -> Reply:
@@ -134,12 +138,7 @@ class ImageFS:
         row = self.tables.row_of(req.nodeid)
         if row is None:
             raise FuseError(errno.ENOENT)
-        ino, size, mode, nlink, uid, gid, a, b, _, _, t, tn, _ = self.tables.raw_attr(row)
-        return _abi.ATTR_OUT.pack(
-            TIMEOUT, 0, 0,
-            ino, size, (size + 511) >> 9, t, t, t, tn, tn, tn,
-            mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
-        )  # fmt: skip
+        return _abi.ATTR_OUT.pack(TIMEOUT, 0, 0, *self._attr_fields(row))
 
     def readlink(self, req: Request) -> Reply:
         attr = self._attr(req.nodeid)
@@ -191,24 +190,45 @@ class ImageFS:
         return self._listing(req, plus=True)
 
     def _listing(self, req: Request, *, plus: bool) -> Reply:
+        """Entries from the requested position on, as many as fit, packed straight
+        from the tables into one buffer (find and ls spend most of their requests
+        here: no objects per entry)."""
         directory = self._attr(req.nodeid)
         if directory.kind != stat.S_IFDIR:
             raise FuseError(errno.ENOTDIR)
         _, offset, size, _, _, _, _ = _abi.READ_IN.unpack_from(req.body)
-        out: list[bytes] = []
-        used = 0
-        tables = self.tables
-        pack_dirent = _abi.DIRENT.pack
-        for position, row, name in tables.entries(directory, offset):
-            rec = _abi.dirent_size(len(name), plus)
-            if used + rec > size:
+        first, count = directory.a, directory.b
+        if offset >= count:
+            return b""
+        buf, inodes_at, entries_at, strings = self.tables.raw_tables()
+        unpack_entry, entry_size = ENTRY.unpack_from, ENTRY.size
+        unpack_inode, inode_size = INODE.unpack_from, INODE.size
+        head = _abi.DIRENTPLUS if plus else _abi.DIRENT
+        pack, head_size = head.pack_into, head.size
+        out = bytearray(size)
+        pos = 0
+        for i in range(first + offset, first + count):
+            row, name_at, name_len, _ = unpack_entry(buf, entries_at + i * entry_size)
+            rec = (head_size + name_len + 7) & ~7
+            if pos + rec > size:
                 break
-            ino, _, mode, *_ = tables.raw_attr(row)
-            head = self._entry(row) if plus else b""
-            tail = pack_dirent(ino, position + 1, len(name), mode >> 12) + name
-            out.append(head + tail + bytes(rec - len(head) - len(tail)))
-            used += rec
-        return b"".join(out)
+            ino, isize, mode, nlink, uid, gid, a, b, _, _, t, tn, _ = unpack_inode(
+                buf, inodes_at + row * inode_size
+            )
+            if plus:
+                pack(
+                    out, pos,
+                    ino, 0, TIMEOUT, TIMEOUT, 0, 0,
+                    ino, isize, (isize + 511) >> 9, t, t, t, tn, tn, tn,
+                    mode, nlink, uid, gid, _rdev(mode, a, b), BLKSIZE, 0,
+                    ino, i - first + 1, name_len, mode >> 12,
+                )  # fmt: skip
+            else:
+                pack(out, pos, ino, i - first + 1, name_len, mode >> 12)
+            start = pos + head_size
+            out[start : start + name_len] = strings[name_at : name_at + name_len]
+            pos += rec
+        return memoryview(out)[:pos]
 
     # -- files --------------------------------------------------------------------
     def read(self, req: Request) -> Reply:

@@ -35,7 +35,7 @@ __all__ = ["FuseError", "Operations", "Reply", "Request", "Session"]
 
 log = logging.getLogger(__name__)
 
-Reply = bytes | Sequence[bytes | memoryview] | None
+Reply = bytes | memoryview | Sequence[bytes | memoryview] | None
 
 
 class FuseError(Exception):

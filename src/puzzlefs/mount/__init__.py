@@ -7,6 +7,7 @@ reach the user's terminal as one line; :mod:`puzzlefs.mount.daemon` then serves 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -20,7 +21,9 @@ from puzzlefs.mount.options import parse_options
 
 if TYPE_CHECKING:
     from puzzlefs.fuse.filesystem import ImageFS
+    from puzzlefs.fuse.kernel import MountFlags
     from puzzlefs.fuse.session import Connection
+    from puzzlefs.mount import overlay
     from puzzlefs.mount.daemon import MakeFS
     from puzzlefs.oci import ImageLayout
 
@@ -80,6 +83,8 @@ def mount(
     init_pipe: str | None = None,
     log_file: str | None = None,
     threads: int = SERVING_THREADS,
+    writable: bool = False,
+    persist: str | None = None,
     layout: ImageLayout | None = None,
     on_live: Callable[[], None] | None = None,
 ) -> None:
@@ -91,15 +96,18 @@ def mount(
     syslog, or to ``log_file``. Foreground: serves until unmounted or signalled,
     logging to stderr (and to ``log_file`` if given). ``init_pipe``: a FIFO (or file)
     that gets ``s`` once the mount is live, ``f`` if it failed, as the reference
-    writes. Raises a :class:`~puzzlefs.errors.PuzzleFSError` (nothing left mounted).
+    writes. ``writable`` (or ``persist``, a directory that keeps the changes): an
+    overlayfs over the image (:mod:`puzzlefs.mount.overlay`). Raises a
+    :class:`~puzzlefs.errors.PuzzleFSError` (nothing left mounted).
 
     ``layout``: the layout of ``oci_dir`` to read through, if not a plain one (a
     registry's lazy cache, :mod:`puzzlefs.registry`); ``on_live`` is called in the
     serving process once the mount is live (to start its background work there).
     """
-    from puzzlefs.mount import daemon, logs
+    from puzzlefs.mount import daemon, logs, overlay
 
     notify = daemon.InitPipe(init_pipe)
+    layer: overlay.Overlay | None = None
     try:
         opts = parse_options(options, oci_dir, tag)
         target = check_mountpoint(mountpoint, allow_nonempty=opts.nonempty)
@@ -107,16 +115,52 @@ def mount(
             Path(os.path.abspath(oci_dir)), tag, verity_digest, opts.allow_root, layout, on_live
         )
         handler = logs.log_handler(log_file, foreground)
+        flags = opts.flags
+        if writable or persist is not None:
+            layer = overlay.prepare(persist)
+            flags = dataclasses.replace(opts.flags, nosuid=False, nodev=False, noexec=False)
+        image_at = target if layer is None else str(layer.lower)
         if foreground:
             handlers = [handler, logs.stderr_handler()]
-            daemon.serve_foreground(make_fs, target, opts.flags, notify, threads, handlers)
+            daemon.serve_foreground(
+                make_fs, image_at, flags, notify, threads, handlers,
+                on_live=_on_top(layer, target, opts.flags),
+                before_unmount=_take_down(layer, target),
+            )  # fmt: skip
         else:
-            daemon.serve_background(make_fs, target, opts.flags, notify, threads, handler)
+            daemon.serve_background(make_fs, image_at, flags, notify, threads, handler)
+            if layer is not None:
+                try:
+                    overlay.mount_overlay(layer, target, opts.flags)
+                except BaseException:
+                    daemon.force_unmount(image_at)
+                    raise
     except BaseException:
         notify.send(b"f")
+        if layer is not None and find_mount(layer.lower) is None:
+            overlay.discard(layer)
         raise
     finally:
         notify.close()
+
+
+def _on_top(
+    layer: overlay.Overlay | None, target: str, flags: MountFlags
+) -> Callable[[], None] | None:
+    """Foreground: put the overlay on once the image is live."""
+    if layer is None:
+        return None
+    from puzzlefs.mount import overlay
+
+    return lambda: overlay.mount_overlay(layer, target, flags)
+
+
+def _take_down(layer: overlay.Overlay | None, target: str) -> Callable[[], None] | None:
+    if layer is None:
+        return None
+    from puzzlefs.mount import daemon
+
+    return lambda: daemon.force_unmount(target)
 
 
 def _filesystem(
@@ -167,10 +211,14 @@ def _filesystem(
 def umount(mountpoint: str | os.PathLike[str]) -> None:
     """Unmount a puzzlefs mount; refuse anything else."""
     from puzzlefs.fuse.kernel import unmount
+    from puzzlefs.mount import overlay
 
     info = find_mount(mountpoint)
     if info is None:
         raise MountError(f"{mountpoint} is not a mount point")
+    if overlay.is_puzzlefs_overlay(info):
+        overlay.teardown(info)
+        return
     if not info.is_puzzlefs:
         raise MountError(
             f"{mountpoint} is not a puzzlefs mount (it is {info.fstype} from {info.source})"

@@ -102,17 +102,37 @@ def _blocked_signals() -> Iterator[None]:
 def serve_foreground(
     make_fs: MakeFS, target: str, flags: MountFlags, notify: InitPipe, threads: int,
     handlers: list[logging.Handler | None],
+    on_live: Callable[[], None] | None = None,
+    before_unmount: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
+    """``on_live`` runs once the mount is live (before the init pipe hears of it),
+    ``before_unmount`` when a signal stops it (a writable overlay goes first)."""
     configure_logging(handlers)
 
     def live(conn: Connection) -> None:
         log.info("mounted %s at %s", flags.source, target)
-        notify.send(b"s")
         _after_init(target)
+        if on_live is not None:
+            threading.Thread(target=_then_notify, args=(on_live, notify), daemon=True).start()
+        else:
+            notify.send(b"s")
 
     with _blocked_signals():
         fd = mount_fuse(target, flags)
-        _serve(Session(fd, make_fs(live), threads=threads), target)
+        _serve(Session(fd, make_fs(live), threads=threads), target, before_unmount)
+
+
+def _then_notify(step: Callable[[], None], notify: InitPipe) -> None:
+    # In a thread of its own: a step that uses the mount (overlayfs looks at its
+    # lower layer) needs the serving threads free.
+    try:
+        step()
+    except Exception as e:
+        log.error("%s", e)
+        notify.send(b"f")
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+        return
+    notify.send(b"s")
 
 
 def serve_background(
@@ -185,7 +205,7 @@ def _daemon(
         os._exit(code)
 
 
-def _serve(session: Session, target: str) -> None:
+def _serve(session: Session, target: str, before_unmount: Callable[[], None] | None = None) -> None:
     """Serve until unmounted or signalled; always leave the mountpoint clean. Called
     with the stop signals blocked."""
     main = threading.get_ident()
@@ -201,6 +221,8 @@ def _serve(session: Session, target: str) -> None:
     signum = signal.sigwait((*_STOP, _ENDED))
     if signum != _ENDED:
         log.info("%s: unmounting %s", signal.Signals(signum).name, target)
+        if before_unmount is not None:
+            before_unmount()
         # Lazily: a busy mount is detached now and goes when its last user does.
         force_unmount(target)
         session.stop()

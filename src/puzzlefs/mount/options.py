@@ -58,7 +58,7 @@ def parse_options(user: Iterable[str], oci_dir: str | os.PathLike[str], tag: str
     kernel = {"default_permissions"}
     out = MountOptions(flags)
     for group in user:
-        for opt in _split_options(group):
+        for opt in split_options(group):
             if not opt:
                 continue
             name, eq, value = opt.partition("=")
@@ -95,8 +95,9 @@ def parse_options(user: Iterable[str], oci_dir: str | os.PathLike[str], tag: str
     return out
 
 
-def _split_options(group: str) -> list[str]:
-    # Split at commas not escaped with a backslash (libfuse's own convention).
+def split_options(group: str) -> list[str]:
+    """Split at commas not escaped with a backslash (libfuse's convention, and
+    overlayfs's), unescaping."""
     out, cur, i = [], [], 0
     while i < len(group):
         c = group[i]

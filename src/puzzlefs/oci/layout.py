@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from puzzlefs._files import atomic_write, read_regular
 from puzzlefs.digest import Digest
 from puzzlefs.errors import (
+    BlobNotFound,
     DigestMismatch,
     ImageError,
     InvalidDigest,
@@ -42,6 +45,9 @@ MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
 MEDIA_TYPE_ROOTFS = "application/vnd.puzzlefs.image.rootfs.v1"
 MEDIA_TYPE_CHUNK = "application/vnd.puzzlefs.image.filedata.v1"
 MEDIA_TYPE_CHUNK_ZSTD = "application/vnd.puzzlefs.image.filedata.v1+zstd"
+# image-spec 1.1: a manifest whose config is the empty descriptor names its artifact
+# type. Readers accept manifests with or without it (the reference writes none).
+ARTIFACT_TYPE = "application/vnd.puzzlefs.image.v1"
 MEDIA_TYPE_TIMES = "application/vnd.puzzlefs.image.times.v1"  # ours: puzzlefs.format.times
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_VERITY_ROOT = "io.puzzlefsoci.puzzlefs.puzzlefs_verity_root_hash"
@@ -53,6 +59,9 @@ MAX_SPLIT_PARTS = 4096  # manifests under one index: ~100 million chunks
 OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 EMPTY_CONFIG_BYTES = b"{}"
 MAX_JSON_BLOB = 64 * 1024 * 1024
+MAX_LAYOUT_FILE = 64 * 1024  # oci-layout: one small object
+# A rootfs is read whole into memory. About 100 bytes per inode: room for ten million.
+MAX_ROOTFS_BLOB = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,23 +89,47 @@ class Descriptor:
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> Descriptor:
+        """Every field this project uses is checked for its JSON type: a hostile or
+        broken layout gives an ImageError naming the field, never a TypeError later."""
         if not isinstance(obj, dict):
             raise ImageError(f"{where}: descriptor is not a JSON object")
         try:
             media_type = obj["mediaType"]
-            digest = Digest.parse(obj["digest"])
+            digest_text = obj["digest"]
             size = obj["size"]
         except KeyError as e:
             raise ImageError(f"{where}: descriptor lacks {e.args[0]!r}") from None
-        except (InvalidDigest, AttributeError, TypeError) as e:
+        if not isinstance(media_type, str):
+            raise ImageError(f"{where}: mediaType is not a string")
+        if not isinstance(digest_text, str):
+            raise ImageError(f"{where}: digest is not a string")
+        try:
+            digest = Digest.parse(digest_text)
+        except InvalidDigest as e:
             raise ImageError(f"{where}: {e}") from None
-        if not isinstance(media_type, str) or not isinstance(size, int) or size < 0:
-            raise ImageError(f"{where}: malformed descriptor")
-        annotations = obj.get("annotations") or {}
-        if not isinstance(annotations, dict):
-            raise ImageError(f"{where}: annotations are not an object")
+        # bool is an int in Python, not in JSON
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ImageError(f"{where}: size is not a non-negative integer")
+        annotations = string_map(obj.get("annotations"), f"{where}: annotations")
+        platform = obj.get("platform")
+        if platform is not None and not isinstance(platform, dict):
+            raise ImageError(f"{where}: platform is not an object")
         data = obj.get("data")
-        return cls(media_type, digest, size, dict(annotations), obj.get("platform"), data)
+        if data is not None and not isinstance(data, str):
+            raise ImageError(f"{where}: data is not a string")
+        return cls(media_type, digest, size, annotations, platform, data)
+
+
+def string_map(value: Any, where: str) -> dict[str, str]:
+    """An OCI annotations object: string keys to string values (null or absent: {})."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ImageError(f"{where} are not an object")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise ImageError(f"{where}: the value of {k!r} is not a string")
+    return dict(value)
 
 
 # As newer reference versions write it: the empty blob, also inlined as base64 data.
@@ -121,6 +154,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         obj: dict[str, Any] = {
+            "artifactType": ARTIFACT_TYPE,
             "config": self.config.to_json(),
             "layers": [d.to_json() for d in self.layers],
             "mediaType": MEDIA_TYPE_MANIFEST,
@@ -132,17 +166,16 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
-        obj = _load_json(data, where)
+        obj = load_json(data, where)
         if obj.get("schemaVersion") != 2:
             raise ImageError(f"{where}: schemaVersion is not 2")
         layers = obj.get("layers")
         if not isinstance(layers, list):
             raise ImageError(f"{where}: no layers list")
-        annotations = obj.get("annotations") or {}
         return cls(
             Descriptor.from_json(obj.get("config"), f"{where} config"),
             [Descriptor.from_json(d, f"{where} layer {i}") for i, d in enumerate(layers)],
-            dict(annotations) if isinstance(annotations, dict) else {},
+            string_map(obj.get("annotations"), f"{where}: annotations"),
         )
 
     @property
@@ -170,7 +203,7 @@ def split_parts(index_bytes: bytes, where: str) -> list[Descriptor]:
     """The manifests of an image split under an index: the image's own first, then
     the parts that carry the remaining chunk layers. Anything else is refused (an
     index of platforms, say, is not one puzzlefs image)."""
-    obj = _load_json(index_bytes, where)
+    obj = load_json(index_bytes, where)
     entries = obj.get("manifests")
     if obj.get("schemaVersion") != 2 or not isinstance(entries, list) or not entries:
         raise ImageError(f"{where}: not an image index with manifests")
@@ -215,14 +248,36 @@ def split_index_bytes(parts: list[Descriptor]) -> bytes:
     return canonical_json({"manifests": entries, "mediaType": MEDIA_TYPE_INDEX, "schemaVersion": 2})
 
 
-def _load_json(data: bytes, where: str) -> dict[str, Any]:
+def load_json(data: bytes, where: str) -> dict[str, Any]:
+    """A JSON object from untrusted bytes (ImageError for anything else)."""
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise ImageError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise ImageError(f"{where} is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ImageError(f"{where} is not a JSON object")
     return obj
+
+
+# The OCI image layout's grammar for ref names (org.opencontainers.image.ref.name):
+# components of letters and digits joined by one of - . _ @ + (or --), separated by /.
+# (':' is allowed there too, but it separates OCI_DIR from TAG on our command line.)
+_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._@+]|--)[A-Za-z0-9]+)*"
+_TAG = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+MAX_TAG = 255
+
+
+def check_tag(tag: str) -> str:
+    """``tag`` if the OCI image layout's grammar allows it (``v1``, ``3.12-slim``,
+    ``library/debian``), else a UsageError saying what a tag may be."""
+    if len(tag) > MAX_TAG or not _TAG.fullmatch(tag):
+        raise UsageError(
+            f"invalid tag {tag!r}: a tag is letters and digits, joined by . _ - @ + and "
+            f"separated by / (as in v1, 3.12-slim, library/debian), at most {MAX_TAG} long"
+        )
+    return tag
 
 
 def parse_image_ref(text: str) -> tuple[Path, str]:
@@ -230,42 +285,45 @@ def parse_image_ref(text: str) -> tuple[Path, str]:
     path, sep, tag = text.rpartition(":")
     if not sep or not path or not tag:
         raise UsageError(f"expected OCI_DIR:TAG, got {text!r}")
-    if "/" in tag:
-        raise UsageError(f"invalid tag {tag!r} in {text!r}")
-    return Path(path), tag
+    return Path(path), check_tag(tag)
 
 
 class ImageLayout:
     """An OCI layout directory. ``create=True`` makes an empty one if needed."""
 
-    def __init__(self, path: Path | str, *, create: bool = False) -> None:
+    def __init__(
+        self, path: Path | str, *, create: bool = False, blobs: DiskBlobStore | None = None
+    ) -> None:
+        """``blobs``: the store to use instead of ``path/blobs/sha256`` itself (a
+        store that injects faults, for tests); it must hold the same directory."""
         self.path = Path(path)
         layout_file = self.path / "oci-layout"
-        if create and not layout_file.exists():
+        if create and not os.path.lexists(layout_file):
             if self.path.exists() and not self.path.is_dir():
                 raise UsageError(f"{self.path} exists and is not a directory")
             (self.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-            _atomic_write(layout_file, OCI_LAYOUT_CONTENT)
+            atomic_write(layout_file, OCI_LAYOUT_CONTENT)
         if not self.path.is_dir():
             raise NotAnOCILayout(f"{self.path}: no such directory")
         try:
-            layout = _load_json(layout_file.read_bytes(), f"{layout_file}")
+            data = read_regular(layout_file, str(layout_file), limit=MAX_LAYOUT_FILE)
         except FileNotFoundError:
             raise NotAnOCILayout(
                 f"{self.path} is not an OCI image layout (no oci-layout)"
             ) from None
+        layout = load_json(data, str(layout_file))
         if not isinstance(layout.get("imageLayoutVersion"), str):
             raise NotAnOCILayout(f"{layout_file}: no imageLayoutVersion")
-        self.blobs = DiskBlobStore(self.path / "blobs" / "sha256")
+        self.blobs = blobs if blobs is not None else DiskBlobStore(self.path / "blobs" / "sha256")
 
     # -- index.json ---------------------------------------------------------------
     def read_index(self) -> dict[str, Any]:
         index_file = self.path / "index.json"
         try:
-            data = index_file.read_bytes()
+            data = read_regular(index_file, str(index_file), limit=MAX_JSON_BLOB)
         except FileNotFoundError:
             return {"schemaVersion": 2, "manifests": []}
-        obj = _load_json(data, str(index_file))
+        obj = load_json(data, str(index_file))
         if not isinstance(obj.get("manifests", []), list):
             raise ImageError(f"{index_file}: manifests is not a list")
         return obj
@@ -298,15 +356,19 @@ class ImageLayout:
         return desc, data, Manifest.from_bytes(data, f"manifest of {tag!r}")
 
     def _json_blob(self, desc: Descriptor, what: str, named_by: str) -> bytes:
+        """A manifest or index blob, checked against its sha256 and the size
+        ``named_by`` gives it."""
         if desc.size > MAX_JSON_BLOB:
             raise ImageError(f"{what} is implausibly large ({desc.size} bytes)")
+        named = f"{what} (blob {desc.digest.hex})"
         try:
-            data = self.blobs.get(desc.digest)
+            return self.blobs.get(desc.digest, size=desc.size)
         except DigestMismatch as e:
-            raise DigestMismatch(f"{what} (blob {desc.digest.hex})", e.expected, e.actual) from None
-        if len(data) != desc.size:
-            raise ImageError(f"{what}: size {len(data)} does not match {named_by} ({desc.size})")
-        return data
+            raise DigestMismatch(named, e.expected, e.actual) from None
+        except BlobNotFound:
+            raise BlobNotFound(f"{named} is missing") from None
+        except ImageError as e:  # not a regular file, or not the size named_by says
+            raise ImageError(f"{what}: {e}") from None
 
     def _merged(self, index_bytes: bytes, tag: str) -> Manifest:
         parts = split_parts(index_bytes, f"image index of {tag!r}")
@@ -367,30 +429,10 @@ class ImageLayout:
         ]
         index["manifests"] = manifests + new
         index["schemaVersion"] = 2
-        _atomic_write(self.path / "index.json", canonical_json(index))
+        atomic_write(self.path / "index.json", canonical_json(index))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """index.json's lock: held while it is read, changed and replaced."""
         with flocked(self.path):
             yield
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)

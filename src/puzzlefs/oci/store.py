@@ -1,10 +1,12 @@
 """Content-addressed blob stores: one interface, a disk and a memory implementation.
 
-Disk writes are crash-safe without an fsync per blob: each blob is written to an
-unnamed file (O_TMPFILE) and linked into place, or where the filesystem cannot, to a
-temporary file in the same directory and renamed into place; :meth:`sync` flushes
-the whole filesystem once before index.json (the only thing that makes blobs
-reachable) is replaced.
+Disk writes are crash-safe without an fsync per blob: each blob is written whole or
+not at all (:class:`puzzlefs._files.AtomicDir`: an unnamed O_TMPFILE file linked into
+place, or a temporary file renamed into place); :meth:`~BlobStore.sync` flushes the
+whole filesystem once before index.json (the only thing that makes blobs reachable) is
+replaced. Disk reads trust nothing in the directory: a blob that is a symlink, a FIFO
+or a device is refused, and a blob's size is checked against what the caller knows it
+must be (its descriptor's size) or may be (the largest chunk) before it is read.
 
 The store's rules, which make concurrent writers safe without knowing of each other
 (several layouts may share one store through a ``blobs/sha256`` symlink):
@@ -21,43 +23,32 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import hashlib
 import os
+import stat
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from puzzlefs._files import AtomicDir, check_size, read_regular
 from puzzlefs.digest import Digest
-from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError
+from puzzlefs.errors import BlobNotFound, DigestMismatch, UnsafeFile
 from puzzlefs.oci._lock import flocked
+
+__all__ = ["BlobStore", "DiskBlobStore", "MemoryBlobStore"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-# O_TMPFILE unsupported by the filesystem (EOPNOTSUPP, EISDIR on old kernels,
-# EINVAL), or /proc/self/fd missing (ENOENT), not allowed (EACCES, EPERM) or
-# not linkable (EXDEV).
-_NO_TMPFILE = {
-    errno.EOPNOTSUPP,
-    errno.EISDIR,
-    errno.EINVAL,
-    errno.ENOENT,
-    errno.EACCES,
-    errno.EPERM,
-    errno.EXDEV,
-}
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class BlobStore(ABC):
-    """Blobs by sha256. ``get`` verifies content unless told the caller will."""
+    """Blobs by sha256. ``get`` verifies content unless told the caller will.
+
+    ``get``'s ``size`` is what the blob must measure (its descriptor's size) and
+    ``limit`` the most it may; a blob that does not fit either is refused before it
+    is read (:class:`~puzzlefs.errors.ImageError`, or
+    :class:`~puzzlefs.errors.UnsafeFile` above ``limit``).
+    """
 
     @abstractmethod
     def has(self, digest: Digest) -> bool: ...
@@ -66,7 +57,7 @@ class BlobStore(ABC):
     def size(self, digest: Digest) -> int: ...
 
     @abstractmethod
-    def _read(self, digest: Digest) -> bytes: ...
+    def _read(self, digest: Digest, size: int | None, limit: int | None) -> bytes: ...
 
     @abstractmethod
     def put_verified(self, digest: Digest, data: bytes | memoryview) -> bool:
@@ -89,8 +80,15 @@ class BlobStore(ABC):
             raise DigestMismatch(f"blob {digest.hex}", digest.hex, actual)
         return self.put_verified(digest, data)
 
-    def get(self, digest: Digest, *, verify: bool = True) -> bytes:
-        data = self._read(digest)
+    def get(
+        self,
+        digest: Digest,
+        *,
+        verify: bool = True,
+        size: int | None = None,
+        limit: int | None = None,
+    ) -> bytes:
+        data = self._read(digest, size, limit)
         if verify:
             actual = hashlib.sha256(data).hexdigest()
             if actual != digest.hex:
@@ -125,13 +123,18 @@ class MemoryBlobStore(BlobStore):
         return digest in self._blobs
 
     def size(self, digest: Digest) -> int:
-        return len(self._read(digest))
+        return len(self._find(digest))
 
-    def _read(self, digest: Digest) -> bytes:
+    def _find(self, digest: Digest) -> bytes:
         try:
             return self._blobs[digest]
         except KeyError:
             raise BlobNotFound(f"blob not found: {digest}") from None
+
+    def _read(self, digest: Digest, size: int | None, limit: int | None) -> bytes:
+        data = self._find(digest)
+        check_size(f"blob {digest.hex}", len(data), size, limit)
+        return data
 
     def put_verified(self, digest: Digest, data: bytes | memoryview) -> bool:
         with self._lock:
@@ -151,7 +154,7 @@ class DiskBlobStore(BlobStore):
     def __init__(self, root: Path) -> None:
         self.root = root
         self._made = False  # root exists (checked once)
-        self._tmpfile = True  # O_TMPFILE works here (until it fails once)
+        self._dir = AtomicDir(root)
 
     def path(self, digest: Digest) -> Path:
         return self.root / digest.hex
@@ -166,7 +169,11 @@ class DiskBlobStore(BlobStore):
 
     @contextlib.contextmanager
     def collecting(self, *, wait: bool = True) -> Iterator[bool]:
-        self._ensure_root()
+        if not self.root.is_dir():
+            # No store yet: nothing to collect, and nothing to create (gc --dry-run
+            # changes nothing); a writer that makes it meanwhile has nothing to fear.
+            yield True
+            return
         with flocked(self.root, wait=wait) as locked:
             yield locked
 
@@ -175,101 +182,54 @@ class DiskBlobStore(BlobStore):
             self.root.mkdir(parents=True, exist_ok=True)
             self._made = True
 
+    def _lstat(self, digest: Digest) -> os.stat_result | None:
+        try:
+            return os.lstat(os.path.join(self.root, digest.hex))
+        except FileNotFoundError:
+            return None
+
     def has(self, digest: Digest) -> bool:
-        return self.path(digest).is_file()
+        st = self._lstat(digest)
+        return st is not None and stat.S_ISREG(st.st_mode)
 
     def size(self, digest: Digest) -> int:
-        try:
-            return self.path(digest).stat().st_size
-        except FileNotFoundError:
-            raise BlobNotFound(f"blob not found: {digest}") from None
+        st = self._lstat(digest)
+        if st is None:
+            raise BlobNotFound(f"blob not found: {digest}")
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(f"blob {digest.hex} is not a regular file")
+        return st.st_size
 
-    def _read(self, digest: Digest) -> bytes:
+    def _read(self, digest: Digest, size: int | None, limit: int | None) -> bytes:
+        path = os.path.join(self.root, digest.hex)
         try:
-            with open(self.path(digest), "rb") as f:
-                return f.read()
+            return read_regular(path, f"blob {digest.hex}", size=size, limit=limit)
         except FileNotFoundError:
             raise BlobNotFound(f"blob not found: {digest}") from None
-        except IsADirectoryError:
-            raise ImageError(f"blob {digest} is not a regular file") from None
 
     def put_verified(self, digest: Digest, data: bytes | memoryview) -> bool:
         # A build stores thousands of blobs: plain os calls on str paths, no pathlib.
-        final = os.path.join(self.root, digest.hex)
-        if os.path.exists(final):
+        st = self._lstat(digest)
+        if st is not None and stat.S_ISREG(st.st_mode):
             return False
         self._ensure_root()
-        if self._tmpfile:
-            try:
-                return self._put_unnamed(digest.hex, data)
-            except OSError as e:
-                if e.errno not in _NO_TMPFILE:
-                    raise
-                self._tmpfile = False  # this filesystem (or /proc) cannot: named files
-        return self._put_named(digest.hex, data)
-
-    def _put_unnamed(self, name: str, data: bytes | memoryview) -> bool:
-        """An O_TMPFILE file, linked into place once written: one directory update
-        instead of a create and a rename, and nothing to clean up if we fail."""
-        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-            try:
-                _write_all(fd, data)
-                os.fchmod(fd, 0o644)  # whatever the umask
-                # A dir_fd makes Python use linkat(), which can follow the /proc link
-                # (plain link() would try to link the symlink itself).
-                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
-            except FileExistsError:
-                return False  # another writer stored the same bytes first
-            finally:
-                os.close(fd)
-        finally:
-            os.close(dir_fd)
-        return True
-
-    def _put_named(self, name: str, data: bytes | memoryview) -> bool:
-        """A temporary file in the same directory, renamed into place once written."""
-        tmp = os.path.join(self.root, f".tmp-{name}-{os.getpid()}-{threading.get_ident()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                _write_all(fd, data)
-                os.fchmod(fd, 0o644)
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(self.root, name))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return True
+        # Something that is not a blob (a FIFO, a symlink) is replaced, not kept.
+        return self._dir.write(digest.hex, data, keep_existing=st is None, durable=False)
 
     def put_stream(self, digest: Digest, pieces: Iterable[bytes | memoryview]) -> bool:
         """Written to a temporary file as the pieces come (bounded memory, whatever the
-        size), hashed on the way, and renamed into place only if the sha256 matches."""
-        final = os.path.join(self.root, digest.hex)
-        if os.path.exists(final):
+        size), hashed on the way, and put into place only if the sha256 matches."""
+        st = self._lstat(digest)
+        if st is not None and stat.S_ISREG(st.st_mode):
             return False
         self._ensure_root()
-        tmp = os.path.join(self.root, f".tmp-{digest.hex}-{os.getpid()}-{threading.get_ident()}")
         h = hashlib.sha256()
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                for piece in pieces:
-                    h.update(piece)
-                    _write_all(fd, piece)
-                os.fchmod(fd, 0o644)
-            finally:
-                os.close(fd)
-            if h.hexdigest() != digest.hex:
+        with self._dir.create(digest.hex, durable=False) as f:
+            for piece in pieces:
+                h.update(piece)
+                f.write(piece)
+            if h.hexdigest() != digest.hex:  # raised inside: nothing is kept
                 raise DigestMismatch(f"blob {digest.hex}", digest.hex, h.hexdigest())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         return True
 
     def sync(self) -> None:

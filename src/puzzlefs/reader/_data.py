@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 
-from puzzlefs.compression import SeekableBlob
+from puzzlefs.compression import MAX_CHUNK_SIZE, SeekableBlob
 from puzzlefs.digest import Digest
 from puzzlefs.errors import BlobNotFound, ImageError, MetadataError, VerityMismatch
 from puzzlefs.oci import ImageLayout
@@ -71,7 +71,10 @@ class ChunkReader:
                 f"file chunk ending at {end} lies outside blob {digest.hex()} ({size} bytes)"
             )
         if isinstance(blob, SeekableBlob):
-            return blob.read(offset, length, self._frames, digest)
+            try:
+                return blob.read(offset, length, self._frames, digest)
+            except ImageError as e:  # a corrupt frame: say which blob
+                raise ImageError(f"chunk blob {digest.hex()}: {e}") from None
         return blob[offset : offset + length]
 
     def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
@@ -81,7 +84,10 @@ class ChunkReader:
             return cached
         self._readahead.loading(raw_digest)
         data = self._fetch(raw_digest, compressed)
-        value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
+        try:
+            value: bytes | SeekableBlob = SeekableBlob(data) if compressed else data
+        except ImageError as e:  # its seek table: say which blob
+            raise ImageError(f"chunk blob {raw_digest.hex()}: {e}") from None
         self._blobs.put(raw_digest, value)
         return value
 
@@ -103,8 +109,8 @@ class ChunkReader:
         ``--digest`` costs one hash of its bytes, not two.
         """
         digest = Digest.from_raw(raw_digest)
-        try:
-            data = self.layout.blobs.get(digest, verify=False)
+        try:  # a chunk blob is never larger than a chunk: refused before it is read
+            data = self.layout.blobs.get(digest, verify=False, limit=MAX_CHUNK_SIZE)
         except BlobNotFound:
             raise BlobNotFound(f"chunk blob {digest.hex} is missing") from None
         if self._verify_verity and raw_digest not in self._verified:

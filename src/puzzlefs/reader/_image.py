@@ -14,7 +14,7 @@ from itertools import accumulate
 from pathlib import Path
 
 from puzzlefs.digest import Digest
-from puzzlefs.errors import ImageError, MetadataError, PuzzleFSError
+from puzzlefs.errors import ImageError, MetadataError, NotFound
 from puzzlefs.format import ROOT_INO, FileChunk, Ino, Inode, Kind, RootfsReader
 from puzzlefs.format.times import Times, decode_times
 from puzzlefs.oci import ImageLayout, Manifest
@@ -36,12 +36,7 @@ _FMT = {
     Kind.UNKNOWN: 0,
 }
 INODE_CACHE_ENTRIES = 65536
-
-
-class NotFound(PuzzleFSError, KeyError):
-    """A name or inode that does not exist (or was deleted by a whiteout)."""
-
-    errno = 2  # ENOENT
+READ_PIECE = 1024 * 1024  # what read_all yields at most at once
 
 
 def is_valid_name(name: bytes) -> bool:
@@ -294,9 +289,11 @@ class Image:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read_all(self, inode: Inode) -> Iterator[bytes]:
-        """A file's contents, piece by piece (one per chunk reference)."""
+        """A file's contents, piece by piece: at most ``READ_PIECE`` bytes each, so that
+        memory stays bounded whatever the chunk references say."""
         for chunk in inode.chunks:
-            yield self._read_chunk(chunk, 0, chunk.len)
+            for within in range(0, chunk.len, READ_PIECE):
+                yield self._read_chunk(chunk, within, min(READ_PIECE, chunk.len - within))
 
     def _chunk_starts(self, inode: Inode) -> list[int]:
         starts = self._offsets.get(inode.ino)

@@ -7,8 +7,9 @@ import hashlib
 import os
 import stat
 
-from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError, VerityMismatch
+from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError, UnsafeFile, VerityMismatch
 from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout
+from puzzlefs.oci.layout import MAX_ROOTFS_BLOB
 from puzzlefs.verity import fsverity_digest, fsverity_digest_fd
 
 __all__ = ["OpenedImage"]
@@ -41,11 +42,14 @@ class OpenedImage:
         digest, the fs-verity digest the manifest records for it."""
         if self._rootfs is None:
             desc = self.rootfs_descriptor
-            data = self.layout.blobs.get(desc.digest)
-            if len(data) != desc.size:
-                raise ImageError(
-                    f"rootfs blob size {len(data)} does not match manifest ({desc.size})"
-                )
+            try:  # the size is checked before the blob is read
+                data = self.layout.blobs.get(desc.digest, size=desc.size, limit=MAX_ROOTFS_BLOB)
+            except BlobNotFound:
+                raise BlobNotFound(f"rootfs blob {desc.digest.hex} is missing") from None
+            except (DigestMismatch, UnsafeFile):
+                raise
+            except ImageError as e:
+                raise ImageError(f"rootfs: {e}") from None
             if self.verify_verity:
                 expected = self._rootfs_verity()
                 actual = fsverity_digest(data).hex()
@@ -69,7 +73,9 @@ class OpenedImage:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ImageError(f"{what} is not a regular file")
+                raise UnsafeFile(f"{what} is not a regular file")
+            if desc.size > MAX_ROOTFS_BLOB:
+                raise ImageError(f"{what} is implausibly large ({desc.size} bytes)")
             if st.st_size != desc.size:
                 raise ImageError(
                     f"rootfs blob size {st.st_size} does not match manifest ({desc.size})"
@@ -98,12 +104,10 @@ class OpenedImage:
         desc = self.manifest.times
         if desc is None:
             return None
-        if desc.size > MAX_TIMES_BLOB:
-            raise ImageError(f"times blob {desc.digest.hex} is implausibly large")
-        data = self.layout.blobs.get(desc.digest)
-        if len(data) != desc.size:
-            raise ImageError(f"times blob size {len(data)} does not match manifest ({desc.size})")
-        return data
+        try:
+            return self.layout.blobs.get(desc.digest, size=desc.size, limit=MAX_TIMES_BLOB)
+        except BlobNotFound:
+            raise BlobNotFound(f"times blob {desc.digest.hex} is missing") from None
 
     def stored_chunk_bytes(self) -> int:
         """What the image's chunk blobs take in the store (for statfs)."""

@@ -32,7 +32,9 @@ _HELPER = """
 import os, sys
 for line in sys.stdin.buffer:
     try:
-        fd = os.open(line[:-1], os.O_RDONLY | os.O_CLOEXEC)
+        # Never follow a symlink, nor wait on a FIFO, where a blob should be: a store
+        # can hold anything, and a helper stuck in open() would outlive the mount.
+        fd = os.open(line[:-1], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         continue
     try:

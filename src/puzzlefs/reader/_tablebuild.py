@@ -7,16 +7,15 @@ Imported only to build an index: serving one needs no numpy.
 
 from __future__ import annotations
 
-import stat
-
 import numpy as np
 
 from puzzlefs.errors import MetadataError
-from puzzlefs.format._bulk import DecodedRootfs
+from puzzlefs.format._bulk import DecodedLayer, DecodedRootfs
 from puzzlefs.reader._tables import (
     BLOB,
     CHUNK,
     ENTRY,
+    FILE_TYPES,
     HEADER,
     INODE,
     MAGIC,
@@ -35,15 +34,6 @@ I64 = np.int64
 U64 = np.uint64
 _U32_LIMIT = 1 << 32
 
-_MODE_FMT = {
-    "dir": stat.S_IFDIR,
-    "file": stat.S_IFREG,
-    "lnk": stat.S_IFLNK,
-    "chr": stat.S_IFCHR,
-    "blk": stat.S_IFBLK,
-    "fifo": stat.S_IFIFO,
-    "sock": stat.S_IFSOCK,
-}
 
 INODE_DTYPE = np.dtype(
     [
@@ -77,6 +67,22 @@ class _Problems:
     def note(self, count: int, what: str) -> None:
         if count:
             self.lines.append(f"{count} {what}")
+
+
+def _owned(
+    layers: list[DecodedLayer], final_of: list[np.ndarray], owner: str, *fields: str
+) -> tuple[np.ndarray, ...]:
+    """Rows of a per-layer table (entries, chunks, xattrs) whose owner inode is the one
+    its number resolves to: (the owner's merged index, then each field), concatenated
+    over the layers, each layer's rows in stored order."""
+    columns: list[list[np.ndarray]] = [[] for _ in range(len(fields) + 1)]
+    for i, lay in enumerate(layers):
+        merged = final_of[i][getattr(lay, owner)]
+        keep = merged >= 0
+        columns[0].append(merged[keep])
+        for col, name in zip(columns[1:], fields, strict=True):
+            col.append(getattr(lay, name)[keep])
+    return tuple(np.concatenate(col) for col in columns)
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,20 +199,15 @@ def build(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> Built:
     ok &= ~bad_lnk
 
     # 3. File chunks, in file order, and file sizes.
-    c_owner, c_len, c_boff, c_comp, c_dig = [], [], [], [], []
-    for i, lay in enumerate(layers):
-        owner = final_of[i][lay.chunk_owner]
-        keep = owner >= 0
-        c_owner.append(owner[keep])
-        c_len.append(lay.chunk_len[keep])
-        c_boff.append(lay.chunk_blob_offset[keep])
-        c_comp.append(lay.chunk_compressed[keep])
-        c_dig.append(lay.chunk_digest_offset[keep])
-    chunk_owner = np.concatenate(c_owner)
-    chunk_len = np.concatenate(c_len)
-    chunk_boff = np.concatenate(c_boff)
-    chunk_comp = np.concatenate(c_comp)
-    chunk_dig = np.concatenate(c_dig)
+    chunk_owner, chunk_len, chunk_boff, chunk_comp, chunk_dig = _owned(
+        layers,
+        final_of,
+        "chunk_owner",
+        "chunk_len",
+        "chunk_blob_offset",
+        "chunk_compressed",
+        "chunk_digest_offset",
+    )
     corder = np.argsort(chunk_owner, kind="stable")  # each file's pieces stay in order
     chunk_owner, chunk_len, chunk_boff, chunk_comp, chunk_dig = (
         a[corder] for a in (chunk_owner, chunk_len, chunk_boff, chunk_comp, chunk_dig)
@@ -220,18 +221,9 @@ def build(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> Built:
     ok &= ~too_big
 
     # 4. Directory entries: valid names, existing targets, one per name.
-    e_dir, e_ino, e_off, e_len = [], [], [], []
-    for i, lay in enumerate(layers):
-        owner = final_of[i][lay.entry_owner]
-        keep = owner >= 0
-        e_dir.append(owner[keep])
-        e_ino.append(lay.entry_ino[keep])
-        e_off.append(lay.entry_name_offset[keep])
-        e_len.append(lay.entry_name_length[keep])
-    ent_dir = np.concatenate(e_dir)
-    ent_ino = np.concatenate(e_ino)
-    ent_off = np.concatenate(e_off)
-    ent_len = np.concatenate(e_len)
+    ent_dir, ent_ino, ent_off, ent_len = _owned(
+        layers, final_of, "entry_owner", "entry_ino", "entry_name_offset", "entry_name_length"
+    )
     good = (ent_len >= 1) & (ent_len <= MAX_NAME)
     dot = (ent_len <= 2) & (ent_len >= 1)
     if dot.any():
@@ -330,16 +322,15 @@ def build(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> Built:
         blob_verity[hit] = v_verity[at[hit]]
 
     # xattrs of the kept inodes, bad ones dropped
-    x_owner, x_koff, x_klen, x_voff, x_vlen = [], [], [], [], []
-    for i, lay in enumerate(layers):
-        owner = final_of[i][lay.xattr_owner]
-        sel = owner >= 0
-        x_owner.append(owner[sel])
-        x_koff.append(lay.xattr_key_offset[sel])
-        x_klen.append(lay.xattr_key_length[sel])
-        x_voff.append(lay.xattr_val_offset[sel])
-        x_vlen.append(lay.xattr_val_length[sel])
-    xo, xko, xkl, xvo, xvl = (np.concatenate(a) for a in (x_owner, x_koff, x_klen, x_voff, x_vlen))
+    xo, xko, xkl, xvo, xvl = _owned(
+        layers,
+        final_of,
+        "xattr_owner",
+        "xattr_key_offset",
+        "xattr_key_length",
+        "xattr_val_offset",
+        "xattr_val_length",
+    )
     sel = keep[xo]
     xo, xko, xkl, xvo, xvl = (a[sel] for a in (xo, xko, xkl, xvo, xvl))
     xgood = (xkl >= 1) & (xkl <= MAX_XATTR_NAME) & (xvl <= MAX_XATTR_VALUE)
@@ -370,7 +361,7 @@ def build(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> Built:
     inodes = np.zeros(count, dtype=INODE_DTYPE)
     inodes["ino"] = w_ino[rows]
     fmt = np.zeros(n, dtype=np.uint32)
-    for name, bits in _MODE_FMT.items():
+    for name, bits in FILE_TYPES.items():
         fmt[kind == code[name]] = bits
     inodes["mode"] = fmt[rows] | (perm[rows].astype(np.uint32) & 0o7777)
     inodes["nlink"] = np.minimum(nlink[rows], _U32_LIMIT - 1)

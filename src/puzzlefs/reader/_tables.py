@@ -69,7 +69,8 @@ MAX_XATTR_VALUE = 65536
 MAX_SIZE = (1 << 63) - 1
 _NO_VERITY = bytes(32)
 
-_FMT = {
+# Union member (as puzzlefs.format.Kind names them) -> the file type bits of st_mode.
+FILE_TYPES = {
     "dir": stat.S_IFDIR,
     "file": stat.S_IFREG,
     "lnk": stat.S_IFLNK,
@@ -225,6 +226,12 @@ class Tables:
                 return row
         return None
 
+    def raw_tables(self) -> tuple[Any, int, int, memoryview]:
+        """For the hot loop that packs whole listings (the FUSE readdirplus): the
+        buffer, the offsets of the inode and entry tables (records INODE and ENTRY),
+        and the strings. Read-only."""
+        return self._buf, self._inodes_at, self._entries_at, self._strings
+
     def entries(self, directory: Attr, start: int = 0) -> Iterator[tuple[int, int, bytes]]:
         """(position, child row, name) from position ``start`` on."""
         for i in range(directory.a + start, directory.a + directory.b):
@@ -254,6 +261,16 @@ class Tables:
                 for i in range(attr.a, attr.a + attr.b)
             )
         ]
+
+    def file_totals(self) -> tuple[int, int]:
+        """(regular files, their bytes), each inode once: for progress totals."""
+        files = size = 0
+        for row in range(self.count):
+            _, n, mode, *_ = INODE.unpack_from(self._buf, self._inodes_at + row * INODE.size)
+            if stat.S_ISREG(mode):
+                files += 1
+                size += n
+        return files, size
 
     def blob(self, index: int) -> tuple[bytes, bytes | None]:
         """(sha256, fs-verity digest or None) of chunk blob ``index``."""

@@ -38,12 +38,25 @@ class TagUsage:
     tar: int = 0
     stored: int = 0  # bytes of every blob the tag needs
     metadata: int = 0  # manifest + config + rootfs + times
-    chunks: int = 0
+    chunks: int = 0  # bytes of chunk blobs
+    chunk_count: int = 0
     shared: int = 0  # stored bytes also needed by another listed tag
+    adds: int = 0  # stored bytes no other listed tag needs: what removing it would free
     blobs: dict[Digest, int] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "blobs"}
+        return {
+            "tag": self.tag,
+            "files": self.files,
+            "file_bytes": self.logical,
+            "tar_bytes": self.tar,
+            "stored_bytes": self.stored,
+            "metadata_bytes": self.metadata,
+            "chunk_bytes": self.chunks,
+            "chunks": self.chunk_count,
+            "shared_bytes": self.shared,
+            "adds_bytes": self.adds,
+        }
 
 
 @dataclass
@@ -63,9 +76,9 @@ class StoreUsage:
     def to_json(self) -> dict[str, object]:
         return {
             "tags": [t.to_json() for t in self.tags],
-            "unified": self.unified,
-            "unified_metadata": self.unified_metadata,
-            "tar_total": self.tar_total,
+            "stored_bytes": self.unified,
+            "metadata_bytes": self.unified_metadata,
+            "tar_bytes": self.tar_total,
             "saved": round(self.saved, 4),
         }
 
@@ -77,7 +90,7 @@ class StoreUsage:
             return f"{x / 1e6:,.1f} MB"
 
         rows = [
-            ("Type", "Total size", "Average layer size", "Unified size", "Saved"),
+            ("Type", "Total size", "Average tag size", "Unified size", "Saved"),
             (
                 "Uncompressed tar",
                 mb(self.tar_total),
@@ -161,6 +174,7 @@ def usage(oci_dir: str | Path, tags: list[str] | None = None) -> StoreUsage:
             t.blobs[b.digest] = size
             if b.role == "chunk":
                 t.chunks += size
+                t.chunk_count += 1
             else:
                 t.metadata += size
         t.stored = sum(t.blobs.values())
@@ -173,6 +187,7 @@ def usage(oci_dir: str | Path, tags: list[str] | None = None) -> StoreUsage:
     for t in results:
         others = set().union(*(o.blobs for o in results if o is not t))
         t.shared = sum(size for d, size in t.blobs.items() if d in others)
+        t.adds = t.stored - t.shared
     for t in results:
         _, blobs = image_blobs(layout, t.tag, [])
         metadata.update(b.digest for b in blobs if b.role != "chunk")

@@ -243,15 +243,15 @@ class RemoteBlobStore(DiskBlobStore):
         super().__init__(root)
         self.fetcher = fetcher
 
-    def _read(self, digest: Digest) -> bytes:
+    def _read(self, digest: Digest, size: int | None, limit: int | None) -> bytes:
         self.fetcher.used(digest)
         try:
-            return super()._read(digest)
+            return super()._read(digest, size, limit)
         except BlobNotFound:
             pass
         self.fetcher.missed(digest)
         self.fetcher.demand(digest)
-        return super()._read(digest)
+        return super()._read(digest, size, limit)
 
 
 class LazyLayout(ImageLayout):
@@ -259,9 +259,8 @@ class LazyLayout(ImageLayout):
     chunks fetched on first use."""
 
     def __init__(self, path: Path, tag: str, root: Descriptor, fetcher: Fetcher) -> None:
-        super().__init__(path)
+        super().__init__(path, blobs=RemoteBlobStore(path / "blobs" / "sha256", fetcher))
         self._pinned = (tag, root)
-        self.blobs = RemoteBlobStore(self.path / "blobs" / "sha256", fetcher)
 
     def resolve(self, tag: str) -> Descriptor:
         if tag == self._pinned[0]:
