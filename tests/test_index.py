@@ -165,3 +165,40 @@ def test_an_unchanged_rootfs_is_not_read_again(
     load_tables(opened(copy, "one"), directory=where)
     load_tables(opened(copy, "one"), directory=where)
     assert checks == ["one", "one"]
+
+
+def test_an_unchanged_index_is_not_read_whole_again(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once checked with its blobs, a later open maps the index without reading it
+    (no O(inodes) work before a mount is live); any change to it is checked again."""
+    from puzzlefs.reader import _tables
+
+    where = tmp_path / "idx"
+    sums: list[int] = []
+    real = _tables._checksum
+
+    def counting(buf: object) -> bytes:
+        sums.append(1)
+        return real(buf)
+
+    monkeypatch.setattr(_tables, "_checksum", counting)
+    load_tables(opened(images, "one"), directory=where)
+    built = len(sums)
+    load_tables(opened(images, "one"), directory=where)
+    load_tables(opened(images, "one"), directory=where)
+    assert len(sums) == built
+    path = index_file(where, opened(images, "one"))
+    os.utime(path, ns=(0, 0))
+    load_tables(opened(images, "one"), directory=where)
+    assert len(sums) == built + 1
+
+
+def test_a_build_leaves_its_memory_in_a_child(images: Path, tmp_path: Path) -> None:
+    """The build runs in a child process: the caller's memory does not grow by it."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    load_tables(opened(images, "two"), directory=tmp_path / "idx")
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss > 0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB

@@ -15,14 +15,18 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from puzzlefs.errors import MetadataError
 from puzzlefs.fuse import _abi
 from puzzlefs.fuse.session import Connection, FuseError, Reply, Request
 from puzzlefs.reader._cache import LRU
-from puzzlefs.reader._data import ChunkReader
 from puzzlefs.reader._tables import ENTRY, INODE, Attr, Tables
+
+if TYPE_CHECKING:
+    from puzzlefs.reader._data import ChunkReader
 
 __all__ = ["TIMEOUT", "ImageFS"]
 
@@ -40,15 +44,18 @@ class ImageFS:
     def __init__(
         self,
         tables: Tables,
-        data: ChunkReader,
+        data: ChunkReader | Callable[[], ChunkReader],
         *,
-        stored_bytes: int = 0,
+        stored_bytes: int | Callable[[], int] = 0,
         on_live: Callable[[Connection], None] | None = None,
         allow_uids: frozenset[int] | None = None,
     ) -> None:
         self.tables = tables
-        self.data = data
-        self.stored_bytes = stored_bytes
+        # A ChunkReader is not callable; a factory is.
+        self._make_data = data if callable(data) else None
+        self._data = None if callable(data) else data
+        self._data_lock = threading.Lock()
+        self._stored_bytes = stored_bytes
         self.on_live = on_live
         self.allow_uids = allow_uids
         self.conn: Connection | None = None
@@ -98,6 +105,25 @@ class ImageFS:
             return handler(req)
 
         return guarded
+
+    @property
+    def data(self) -> ChunkReader:
+        """The chunk reader, made on first use when given as a factory."""
+        data = self._data
+        if data is None:
+            with self._data_lock:
+                if self._data is None:
+                    assert self._make_data is not None
+                    self._data = self._make_data()
+                data = self._data
+        return data
+
+    @property
+    def stored_bytes(self) -> int:
+        value = self._stored_bytes
+        if callable(value):
+            value = self._stored_bytes = value()
+        return value
 
     # -- helpers --------------------------------------------------------------------
     def _attr(self, nodeid: int) -> Attr:

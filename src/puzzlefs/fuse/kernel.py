@@ -8,8 +8,6 @@ import ctypes.util
 import errno
 import os
 import shutil
-import socket
-import subprocess
 from dataclasses import dataclass, field
 
 from puzzlefs.errors import MountError
@@ -123,6 +121,9 @@ def _mount_as_root(target: str, flags: MountFlags) -> int:
 
 
 def _mount_with_fusermount(target: str, flags: MountFlags) -> int:
+    import socket  # only here: a root mount needs neither
+    import subprocess
+
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount is None:
         raise MountError("mounting as a user needs fusermount3 (Debian: apt install fuse3)")
@@ -159,6 +160,8 @@ def unmount(target: str, *, lazy: bool = False) -> None:
                 raise MountError(f"{target} is busy (a process is using it)")
             raise MountError(f"cannot unmount {target}: {os.strerror(err)}")
         return
+    import subprocess
+
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount is None:
         raise MountError("fusermount3 not found (Debian: apt install fuse3)")

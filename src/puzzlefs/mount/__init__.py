@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from puzzlefs.mount import overlay
     from puzzlefs.mount.daemon import MakeFS
     from puzzlefs.oci import ImageLayout
+    from puzzlefs.reader._data import ChunkReader
 
 __all__ = [
     "FSTYPE",
@@ -171,39 +172,43 @@ def _filesystem(
     layout: ImageLayout | None = None,
     started: Callable[[], None] | None = None,
 ) -> MakeFS:
-    """Open the image now (errors are the caller's); the filesystem object is made in
-    the process that serves it."""
+    """Open the image now (errors are the caller's; with a digest the chain is checked
+    before anything is mounted); the filesystem object is made in the process that
+    serves it, and its chunk reader on the first read (nothing of it is needed to
+    answer INIT, or metadata requests)."""
     from puzzlefs.fuse.filesystem import ImageFS
     from puzzlefs.oci import ImageLayout
-    from puzzlefs.reader._data import ChunkReader
     from puzzlefs.reader._open import OpenedImage
     from puzzlefs.reader.index import load_tables
-    from puzzlefs.reference_compat import is_zstd_image
 
     image = OpenedImage(layout or ImageLayout(oci_dir), tag, verity_digest=verity_digest)
-    if image.verify_verity:
-        image.rootfs_bytes()  # the chain is checked before anything is mounted
     tables = load_tables(image)
-    verity = {digest: v for digest, v in tables.blobs() if v is not None}
-    stored = image.stored_chunk_bytes()
     allow = frozenset({0, os.geteuid()}) if allow_root else None
 
-    def make(on_live: Callable[[Connection], None]) -> ImageFS:
-        data = ChunkReader(
+    def data() -> ChunkReader:
+        from puzzlefs.reader._data import ChunkReader
+        from puzzlefs.reference_compat import is_zstd_image
+
+        verity = {digest: v for digest, v in tables.blobs() if v is not None}
+        reader = ChunkReader(
             image.layout,
             verity.get,
             verify_verity=image.verify_verity,
             stream=image.chunk_stream,
             zstd_image=is_zstd_image(image.manifest.chunk_layers),
         )
+        reader.enable_readahead()
+        return reader
 
+    def make(on_live: Callable[[Connection], None]) -> ImageFS:
         def live(conn: Connection) -> None:
-            data.enable_readahead()
             if started is not None:
                 started()
             on_live(conn)
 
-        return ImageFS(tables, data, stored_bytes=stored, on_live=live, allow_uids=allow)
+        return ImageFS(
+            tables, data, stored_bytes=image.stored_chunk_bytes, on_live=live, allow_uids=allow
+        )
 
     return make
 

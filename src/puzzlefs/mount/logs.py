@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import logging.handlers
 import os
 import stat
 import sys
@@ -30,11 +29,13 @@ def log_handler(log_file: str | None, foreground: bool) -> logging.Handler | Non
         return h
     if foreground:
         return None
+    from logging.handlers import SysLogHandler  # pickle, socket and more: syslog only
+
     try:
         if not stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
             raise OSError(errno.ENOTSOCK, "not a socket")
-        sh = logging.handlers.SysLogHandler(
-            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        sh = SysLogHandler(
+            SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON
         )
     except OSError:
         print(

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import select
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 MAX_WINDOW = 64  # blobs ahead (64 KiB on average each)
 
@@ -66,7 +66,7 @@ class Readahead:
         self._window = 0
         self._hinted = -1  # blobs up to here were announced
         self._enabled = False
-        self._helper: subprocess.Popen[bytes] | None = None  # started lazily
+        self._helper: Any = None  # a subprocess.Popen, started lazily
         self._pipe: int | None = None  # its stdin
 
     def enable(self) -> None:
@@ -98,6 +98,8 @@ class Readahead:
         if not lines:
             return
         if self._helper is None:
+            import subprocess  # the first time a sequential reader needs it
+
             try:
                 self._helper = subprocess.Popen(
                     [sys.executable, "-I", "-S", "-c", _HELPER],

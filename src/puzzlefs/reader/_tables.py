@@ -313,8 +313,9 @@ def build_tables(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> 
     return _tablebuild.build(decoded, source, times)
 
 
-def open_tables(path: str) -> Tables:
-    """Map an index file (owned by us, not writable by others) and check it."""
+def open_tables(path: str, *, verify: bool = True) -> Tables:
+    """Map an index file (owned by us, not writable by others) and check it (without
+    ``verify``, its header and layout only: the checksum would read it all)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
@@ -326,7 +327,7 @@ def open_tables(path: str) -> Tables:
     finally:
         os.close(fd)
     try:
-        return Tables(buf)
+        return Tables(buf, verify=verify)
     except BaseException:
         buf.close()
         raise

@@ -22,11 +22,18 @@ import hashlib
 import logging
 import os
 import stat
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from puzzlefs.errors import MetadataError
+from puzzlefs.errors import (
+    BlobNotFound,
+    ImageError,
+    MetadataError,
+    PuzzleFSError,
+    UnsupportedVersion,
+)
 from puzzlefs.reader._open import OpenedImage
 from puzzlefs.reader._tables import VERSION, Tables, build_tables, open_tables
 
@@ -63,16 +70,46 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
     """The image's tables: the stored index if it is sound, else built (and stored).
 
     Either way the rootfs (and times blob) must be there and intact: an index is never
-    served for a rootfs that is not. They are checked in full (sha256; with a digest,
-    the fs-verity chain) unless, without a digest, the very files were checked before
-    and have not changed since (same device, inode, size, mtime and ctime: what git's
-    index trusts too), which spares a mount reading the whole rootfs. With an index at
-    hand, that check and the index's own checksum run side by side.
+    served for a rootfs that is not. They, and the index's own checksum, are checked
+    in full (sha256; with a digest, the fs-verity chain) unless, without a digest, the
+    very files (the blobs and the index) were checked together before and none has
+    changed since: the same device, inode, size, mtime and ctime, which is what git's
+    index trusts too. A mount then reads neither the rootfs nor the index up front:
+    its pages come in as requests need them, and the mount costs the same at any size.
     """
     where = directory or index_dir()
     key = source_key(image)
     path = _path(where, key.hex())
     seen = _Seen(path.with_name(path.name + ".seen"), image)
+    if path.exists():
+        tables = _open_sound(image, path, key, seen)
+        if tables is not None:
+            return tables
+    built = _build_elsewhere(image, key, where, path)
+    if built is not None:  # kept in memory: the cache cannot be written
+        return Tables(built)
+    try:
+        tables = open_tables(str(path))
+    except (OSError, MetadataError) as e:
+        raise MetadataError(f"the index just built is unusable: {e}") from None
+    seen.add(_file_identity(path))
+    return tables
+
+
+def _open_sound(image: OpenedImage, path: Path, key: bytes, seen: _Seen) -> Tables | None:
+    """The stored index, once it and the image's blobs pass their checks; None when
+    the index must be built again."""
+    index_id = _file_identity(path)
+    if not image.verify_verity and index_id is not None and seen.known(index_id):
+        try:
+            tables = open_tables(str(path), verify=False)  # the header is still checked
+        except (OSError, MetadataError) as e:
+            log.warning("index %s is unusable (%s): rebuilding it", path, e)
+            return None
+        if tables.source == key:
+            seen.touch()
+            return tables
+        tables.close()
     checked: list[BaseException | None] = []
 
     def check() -> None:
@@ -83,31 +120,71 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
         except BaseException as e:
             checked.append(e)
 
-    if path.exists():
-        known = seen.known() and not image.verify_verity
-        thread = None if known else threading.Thread(target=check, name="puzzlefs-check")
-        if thread is not None:
-            thread.start()
+    thread = threading.Thread(target=check, name="puzzlefs-check")
+    thread.start()
+    try:
+        found: Tables | None = open_tables(str(path))
+    except (OSError, MetadataError) as e:
+        log.warning("index %s is unusable (%s): rebuilding it", path, e)
+        found = None
+    thread.join()
+    if checked[0] is not None:
+        if found is not None:
+            found.close()
+        raise checked[0]
+    if found is None:
+        return None
+    if found.source != key:
+        found.close()
+        log.warning("index %s was made from another rootfs: rebuilding it", path)
+        return None
+    seen.add(index_id)
+    return found
+
+
+def _build_elsewhere(image: OpenedImage, key: bytes, where: Path, path: Path) -> bytes | None:
+    """Build the index and store it at ``path``. In a child process where fork is safe,
+    so that the memory a build takes (a few hundred MB at 300,000 inodes) is given
+    back whole, and a mount daemon forked later never holds it. Returns the index
+    bytes instead when it cannot be stored."""
+    if threading.active_count() > 1 or not hasattr(os, "fork"):
+        return _build_and_store(image, key, where, path)
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - seen through its effects
+        os.close(r)
+        code = 0
         try:
-            tables: Tables | None = open_tables(str(path))
-        except (OSError, MetadataError) as e:
-            log.warning("index %s is unusable (%s): rebuilding it", path, e)
-            tables = None
-        if thread is not None:
-            thread.join()
-            if checked[0] is not None:
-                if tables is not None:
-                    tables.close()
-                raise checked[0]
-        if tables is not None:
-            if tables.source == key:
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # recently used
-                if not known:
-                    seen.add()
-                return tables
-            tables.close()
-            log.warning("index %s was made from another rootfs: rebuilding it", path)
+            if _build_and_store(image, key, where, path) is not None:
+                os.write(w, b"memory")
+        except PuzzleFSError as e:
+            os.write(w, f"{type(e).__name__}\n{e}".encode(errors="replace"))
+            code = 1
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(w, f"MetadataError\nbuilding the index failed: {e!r}".encode(errors="replace"))
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read()
+    os.waitpid(pid, 0)
+    if said == b"memory":
+        return _build_and_store(image, key, where, path)  # again, here: nowhere to keep it
+    if said:
+        name, _, message = said.decode(errors="replace").partition("\n")
+        raise _ERRORS.get(name, MetadataError)(message)
+    return None
+
+
+_ERRORS: dict[str, type[PuzzleFSError]] = {
+    cls.__name__: cls for cls in (MetadataError, UnsupportedVersion, ImageError, BlobNotFound)
+}
+
+
+def _build_and_store(image: OpenedImage, key: bytes, where: Path, path: Path) -> bytes | None:
     from puzzlefs.format import MANIFEST_VERSION
     from puzzlefs.format._bulk import decode_rootfs
 
@@ -118,19 +195,23 @@ def load_tables(image: OpenedImage, *, directory: Path | None = None) -> Tables:
         log.warning("%s:%s: %s", image.layout.path, image.tag, line)
     try:
         _store(where, path, built.data)
-        seen.add(fresh=True)
     except OSError as e:
         log.info("cannot keep the index in %s (%s): it lives in memory", where, e.strerror)
-        return Tables(built.data)
+        return built.data
+    return None
+
+
+def _file_identity(path: Path) -> str | None:
     try:
-        return open_tables(str(path))
-    except (OSError, MetadataError):
-        return Tables(built.data)
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return f"index:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 class _Seen:
-    """The identities of rootfs (and times) blob files that were checked in full and
-    found to be what an index was made from: one line each, beside the index."""
+    """The identities of rootfs (and times) blob files and of the index that were
+    checked in full together: one line per layout holding the image, beside the index."""
 
     LIMIT = 64  # lines kept (layouts holding the same rootfs)
 
@@ -151,19 +232,26 @@ class _Seen:
         finally:
             os.close(fd)
 
-    def known(self) -> bool:
-        return self.line is not None and self.line in self._lines()
+    def known(self, index: str) -> bool:
+        """The blobs and the index were checked together, and none changed since."""
+        return self.line is not None and f"{self.line} {index}" in self._lines()
 
-    def add(self, *, fresh: bool = False) -> None:
-        if self.line is None:
+    def add(self, index: str | None) -> None:
+        if self.line is None or index is None:
             return
-        lines = [] if fresh else [x for x in self._lines() if x != self.line]
-        lines = (lines + [self.line])[-self.LIMIT :]
+        line = f"{self.line} {index}"
+        lines = [x for x in self._lines() if not x.startswith(self.line + " ")]
+        lines = (lines + [line])[-self.LIMIT :]
         with contextlib.suppress(OSError):
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path.parent)
             with os.fdopen(fd, "w") as f:
                 f.write("\n".join(lines) + "\n")
             os.replace(tmp, self.path)
+
+    def touch(self) -> None:
+        """Recently used (for eviction; the index's own times stay as they are)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path)
 
 
 def _identity(image: OpenedImage) -> str | None:
@@ -205,14 +293,20 @@ def _evict(directory: Path, keep: Path, limit: int = CACHE_BYTES) -> None:
     with contextlib.suppress(OSError), os.scandir(directory) as it:
         for e in it:
             with contextlib.suppress(OSError):
-                if e.is_file(follow_symlinks=False) and not e.name.startswith(".tmp-"):
+                name = e.name
+                if e.is_file(follow_symlinks=False) and not name.startswith(".tmp-"):
+                    if name.endswith(".seen"):
+                        continue
                     st = e.stat(follow_symlinks=False)
-                    entries.append((st.st_mtime, st.st_size, e.path))
+                    used = st.st_mtime
+                    with contextlib.suppress(OSError):  # its .seen: when last used
+                        used = max(used, os.stat(e.path + ".seen").st_mtime)
+                    entries.append((used, st.st_size, e.path))
     total = sum(size for _, size, _ in entries)
     for _, size, path in sorted(entries):
         if total <= limit:
             break
-        if path != str(keep) and not path.endswith(".seen"):
+        if path != str(keep):
             with contextlib.suppress(OSError):
                 os.unlink(path)
                 os.unlink(path + ".seen")
