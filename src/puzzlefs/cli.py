@@ -33,6 +33,7 @@ from puzzlefs.progress import Progress
 if TYPE_CHECKING:
     from puzzlefs.compression import ZstdOptions
     from puzzlefs.reader import Image
+    from puzzlefs.registry import ClientOptions
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -370,9 +371,38 @@ def cmd_enable_fs_verity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount_remote(args: argparse.Namespace) -> int:
+    from puzzlefs.registry import parse_remote
+    from puzzlefs.registry._mount import mount_remote
+
+    if args.legacy_mountpoint is not None:
+        raise UsageError("mount docker://HOST/REPO:TAG MOUNTPOINT takes one mountpoint")
+    mount_remote(
+        parse_remote(args.image),
+        args.mountpoint,
+        client=_registry_options(args),
+        cache=args.cache_dir,
+        prefetch_all=args.prefetch == "all",
+        prefetch_list=args.prefetch_list,
+        record=args.record,
+        verity_digest=_verity_hex(args.digest),
+        options=args.options,
+        foreground=args.foreground,
+        init_pipe=args.init_pipe,
+        log_file=args.log_file,
+    )
+    return 0
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from puzzlefs.mount import mount
 
+    if args.image.startswith("docker://"):
+        return _mount_remote(args)
+    remote_only = [args.prefetch != "none", args.prefetch_list, args.record, args.cache_dir]
+    if any(remote_only):
+        raise UsageError("--prefetch, --prefetch-list, --record and --cache-dir are for "
+                         "mounts from a registry (docker://HOST/REPO:TAG)")  # fmt: skip
     persist = args.persist
     if args.legacy_mountpoint is not None:
         if args.writable and persist is None:
@@ -432,6 +462,143 @@ def cmd_import(args: argparse.Namespace) -> int:
     )
     print(f"puzzlefs image manifest digest: {result.manifest_verity}")
     return 0
+
+
+def _registry_options(args: argparse.Namespace) -> ClientOptions:
+    from puzzlefs.registry import ClientOptions
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    return ClientOptions(
+        insecure=args.insecure,
+        plain_http=args.plain_http,
+        ca_file=args.ca_cert,
+        authfile=args.authfile,
+        connections=args.jobs,
+    )
+
+
+def _copy(args: argparse.Namespace, src: str, dest: str, verb: str) -> int:
+    from puzzlefs.registry import copy_image, parse_ref
+
+    options = _registry_options(args)
+    source, target = parse_ref(src), parse_ref(dest)
+    report = copy_image(
+        source,
+        target,
+        options,
+        mount_from=getattr(args, "mount_from", None),
+        progress=Progress(verb),
+    )
+    print(f"{target}: {report.summary('copied' if verb == 'copying' else verb[:-3] + 'ed')}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if not args.dest.startswith("docker://"):
+        raise UsageError(f"push goes to docker://HOST/REPO:TAG, got {args.dest!r}")
+    return _copy(args, args.image, args.dest, "pushing")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    if not args.source.startswith("docker://"):
+        raise UsageError(f"pull comes from docker://HOST/REPO:TAG, got {args.source!r}")
+    return _copy(args, args.source, args.image, "pulling")
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    return _copy(args, args.source, args.dest, "copying")
+
+
+def _add_registry_options(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the registry's TLS certificate, and use plain http where it "
+        "does not speak TLS",
+    )
+    p.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="speak plain http (without asking, only to loopback registries that have no TLS)",
+    )
+    p.add_argument("--ca-cert", metavar="FILE", help="also trust the CA certificates in FILE")
+    p.add_argument(
+        "--authfile",
+        metavar="FILE",
+        help="credentials (auths of base64 user:password) from FILE instead of "
+        "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, "
+        "~/.config/containers/auth.json, ~/.docker/config.json",
+    )
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests in flight on kept-alive connections (default 16)",
+    )
+
+
+def _add_registry_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ps = _command(
+        sub,
+        "push",
+        "upload an image to a registry",
+        "Only the blobs the registry lacks are sent (many at a time on kept-alive "
+        "connections), then the manifest(s), the tag last. TLS by default; credentials "
+        "from the files docker and podman write (see --authfile).",
+        [
+            "puzzlefs push oci:v1 docker://registry.example:5000/team/app:v1",
+            "puzzlefs push --mount-from team/base oci:v2 docker://registry.example/team/app:v2",
+        ],
+        cmd_push,
+    )
+    ps.add_argument("image", metavar="OCI_DIR:TAG")
+    ps.add_argument("dest", metavar="docker://HOST[:PORT]/REPO[:TAG]")
+    ps.add_argument(
+        "--mount-from",
+        metavar="REPO",
+        help="mount the blobs another repository of the same registry has instead of "
+        "uploading them",
+    )
+    _add_registry_options(ps)
+
+    pl = _command(
+        sub,
+        "pull",
+        "download an image from a registry",
+        "Every blob is checked against its sha256 and stored as soon as it is complete, "
+        "so an interrupted pull run again fetches only what is missing; the tag is set "
+        "last.",
+        ["puzzlefs pull docker://registry.example/team/app:v1 oci:v1"],
+        cmd_pull,
+    )
+    pl.add_argument("source", metavar="docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    pl.add_argument("image", metavar="OCI_DIR:TAG")
+    _add_registry_options(pl)
+
+    cp = _command(
+        sub,
+        "copy",
+        "copy an image between OCI layouts and registries",
+        "SRC and DEST are docker://HOST[:PORT]/REPO[:TAG] or oci:OCI_DIR:TAG (or "
+        "OCI_DIR:TAG), as skopeo names them; between two repositories of one registry, "
+        "blobs are mounted, not uploaded.",
+        [
+            "puzzlefs copy oci:images:v1 docker://registry.example/app:v1",
+            "puzzlefs copy docker://registry.example/app:v1 docker://registry.example/app2:v1",
+        ],
+        cmd_copy,
+    )
+    cp.add_argument("source", metavar="SRC")
+    cp.add_argument("dest", metavar="DEST")
+    cp.add_argument(
+        "--mount-from",
+        metavar="REPO",
+        help="to a registry: mount blobs from this repository of it instead of uploading",
+    )
+    _add_registry_options(cp)
 
 
 def _command(
@@ -748,6 +915,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="UPPERDIR",
         help="make the mount writable and keep the changes in UPPERDIR, across mounts (root only)",
     )
+    reg = m.add_argument_group(
+        "from a registry (docker://HOST[:PORT]/REPO[:TAG])",
+        "The image is live once its metadata is fetched; each chunk is fetched on first "
+        "use (a miss reads ahead) into a local OCI layout, "
+        "$XDG_CACHE_HOME/puzzlefs/registry/HOST/REPO, where later mounts, pulls and "
+        "copies find it. A fetch that keeps failing gives EIO to its reader.",
+    )
+    reg.add_argument(
+        "--prefetch",
+        choices=("none", "all"),
+        default="none",
+        help="all: fetch every chunk in the background (in stream order) once live",
+    )
+    reg.add_argument(
+        "--prefetch-list",
+        metavar="FILE",
+        help="fetch the chunks FILE lists (as --record wrote them) first, in the background",
+    )
+    reg.add_argument(
+        "--record",
+        metavar="FILE",
+        help="append each chunk's digest to FILE the first time a reader uses it",
+    )
+    reg.add_argument("--cache-dir", metavar="DIR", help="instead of the cache directory above")
+    _add_registry_options(reg)
 
     um = _command(
         sub,
@@ -798,6 +990,7 @@ def _parser() -> argparse.ArgumentParser:
         " at their full size), e.g. 10G; default: what the spool's filesystem has free"
         " (the spool never takes more than that, less a reserve, in any case)",
     )
+    _add_registry_parsers(sub)
     return p
 
 

@@ -26,7 +26,11 @@ else that reaches the CLI is a bug: it exits with :data:`EXIT_INTERNAL`.
     ├── BuildError                 the source tree cannot be built
     ├── ExtractError               the destination cannot be written safely
     ├── VerityUnsupported          the kernel or filesystem has no fs-verity (EOPNOTSUPP)
-    └── MountError
+    ├── MountError
+    └── RegistryError              a registry refused a request or could not be reached
+        ├── RegistryUnreachable    connection errors, timeouts, 5xx: after the retries
+        ├── RegistryAuthError      no credentials for a registry that asks, or refused
+        └── RemoteNotFound (KeyError)  no such repository, tag or blob there
 
     Terminated (BaseException)     SIGTERM or SIGHUP: unwind as Ctrl-C does; exit 128+N
 """
@@ -54,6 +58,10 @@ __all__ = [
     "NotFound",
     "OptionError",
     "PuzzleFSError",
+    "RegistryAuthError",
+    "RegistryError",
+    "RegistryUnreachable",
+    "RemoteNotFound",
     "TagNotFound",
     "Terminated",
     "UnsafeFile",
@@ -173,6 +181,25 @@ class VerityUnsupported(PuzzleFSError):
 
 class MountError(PuzzleFSError):
     pass
+
+
+class RegistryError(PuzzleFSError):
+    """A registry answered with an error (its own message is part of ours)."""
+
+
+class RegistryUnreachable(RegistryError):
+    """Connection refused or reset, a timeout, TLS failing, or 5xx answers: each request
+    was retried with backoff first, so this is final for the operation."""
+
+    errno = _errno.EIO
+
+
+class RegistryAuthError(RegistryError):
+    errno = _errno.EACCES
+
+
+class RemoteNotFound(RegistryError, KeyError):
+    errno = _errno.ENOENT
 
 
 class Terminated(BaseException):

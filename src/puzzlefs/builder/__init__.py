@@ -42,8 +42,10 @@ from puzzlefs.format.times import encode_times
 from puzzlefs.oci import (
     ANNOTATION_VERITY_ROOT,
     EMPTY_CONFIG,
+    MANIFEST_LIMIT,
     MEDIA_TYPE_CHUNK,
     MEDIA_TYPE_CHUNK_ZSTD,
+    MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
     MEDIA_TYPE_ROOTFS,
     MEDIA_TYPE_TIMES,
@@ -52,8 +54,9 @@ from puzzlefs.oci import (
     DiskBlobStore,
     ImageLayout,
     Manifest,
+    canonical_json,
 )
-from puzzlefs.oci.layout import EMPTY_CONFIG_BYTES
+from puzzlefs.oci.layout import EMPTY_CONFIG_BYTES, chunk_part_bytes, split_index_bytes
 from puzzlefs.progress import Progress
 from puzzlefs.reader import Image
 from puzzlefs.verity import fsverity_digest
@@ -192,9 +195,14 @@ def build(
     progress: Progress | None = None,
     mtimes: bool = True,
     store: DiskBlobStore | None = None,
+    manifest_limit: int = MANIFEST_LIMIT,
 ) -> BuildResult:
     """Build ``rootfs_dir`` into ``oci_dir`` under ``tag``, on top of ``base_tag`` if
     given (a delta layer, FORMAT.md §6).
+
+    ``manifest_limit``: the largest manifest to write (registries refuse more than
+    4 MiB, about 26,000 chunks); an image whose manifest would be larger is tagged
+    as an image index of several manifests (:mod:`puzzlefs.oci.layout`).
 
     ``mtimes``: keep every inode's modification time, in a times blob of the image
     (:mod:`puzzlefs.format.times`); without, times read as 0, as the reference has
@@ -222,6 +230,7 @@ def build(
         progress=progress,
         mtimes=mtimes,
         store=store,
+        manifest_limit=manifest_limit,
     )
 
 
@@ -237,6 +246,7 @@ def build_tree(
     progress: Progress | None = None,
     mtimes: bool = True,
     store: DiskBlobStore | None = None,
+    manifest_limit: int = MANIFEST_LIMIT,
 ) -> BuildResult:
     """Build an already numbered tree (from :func:`walk`, or a tar import)."""
     zstd = _zstd_options(compress)
@@ -260,7 +270,16 @@ def build_tree(
             if base is not None:
                 tree = renumber(tree, base)
             return _build_in_store(
-                tree, layout, tag, zstd, params, workers, progress, base, mtimes
+                tree,
+                layout,
+                tag,
+                zstd,
+                params,
+                workers,
+                progress,
+                base,
+                mtimes,
+                manifest_limit,
             )
     except BaseException:
         if created:
@@ -299,6 +318,7 @@ def _build_in_store(
     progress: Progress | None,
     base: Image | None,
     mtimes: bool,
+    manifest_limit: int = MANIFEST_LIMIT,
 ) -> BuildResult:
     store = layout.blobs
     times = encode_times((n.ino, n.st.st_mtime_ns) for n in tree.nodes) if mtimes else None
@@ -310,12 +330,12 @@ def _build_in_store(
     # The chunks are most of what must be on disk before the tag may point at them:
     # flush them while the metadata is made, so that set_tag's sync has little left.
     with _flushing(store):
-        manifest_digest, manifest_bytes, rootfs_desc, chunks = _write_metadata(
-            layout, inodes, chunks, zstd, params, store.put, base, times
+        manifest, manifest_bytes, rootfs_desc, chunks = _write_metadata(
+            layout, inodes, chunks, zstd, params, store.put, base, times, manifest_limit
         )
-    layout.set_tag(tag, manifest_digest, len(manifest_bytes))
+    layout.set_tag(tag, manifest.digest, manifest.size, media_type=manifest.media_type)
     return BuildResult(
-        Descriptor(MEDIA_TYPE_MANIFEST, manifest_digest, len(manifest_bytes)),
+        manifest,
         fsverity_digest(manifest_bytes).hex(),
         rootfs_desc,
         len(chunks),
@@ -355,9 +375,12 @@ def _write_metadata(
     put: Callable[[bytes], Digest],
     base: Image | None,
     times: bytes | None,
-) -> tuple[Digest, bytes, Descriptor, list[StoredChunk]]:
-    """Store the rootfs, config, times and manifest blobs; return the manifest's digest
-    and bytes, the rootfs descriptor and the chunks the image uses."""
+    manifest_limit: int = MANIFEST_LIMIT,
+) -> tuple[Descriptor, bytes, Descriptor, list[StoredChunk]]:
+    """Store the rootfs, config, times and manifest blobs; return the descriptor and
+    bytes of what the tag names (the manifest, or beyond ``manifest_limit`` bytes an
+    image index of manifest parts), the rootfs descriptor and the chunks the image
+    uses."""
     store = layout.blobs
     chunk_type = MEDIA_TYPE_CHUNK_ZSTD if zstd else MEDIA_TYPE_CHUNK
     chunk_layers: dict[bytes, Descriptor] = {}
@@ -399,4 +422,44 @@ def _write_metadata(
     put(EMPTY_CONFIG_BYTES)
     annotations = {ANNOTATION_CHUNK_SIZES: str(params)}
     manifest_bytes = Manifest(EMPTY_CONFIG, descriptors, annotations).to_bytes()
-    return put(manifest_bytes), manifest_bytes, rootfs_desc, chunks
+    if len(manifest_bytes) <= manifest_limit:
+        return Descriptor(MEDIA_TYPE_MANIFEST, put(manifest_bytes), len(manifest_bytes)), (
+            manifest_bytes
+        ), rootfs_desc, chunks  # fmt: skip
+    fixed = 2 if times is not None else 1  # the rootfs and times layers
+    index_bytes = _split_manifest(
+        descriptors[:fixed], descriptors[fixed:], annotations, manifest_limit, put
+    )
+    index = Descriptor(MEDIA_TYPE_INDEX, put(index_bytes), len(index_bytes))
+    return index, index_bytes, rootfs_desc, chunks
+
+
+def _split_manifest(
+    fixed: list[Descriptor],
+    chunk_layers: list[Descriptor],
+    annotations: dict[str, str],
+    limit: int,
+    put: Callable[[bytes], Digest],
+) -> bytes:
+    """An image whose manifest would exceed ``limit`` bytes: its manifest with the
+    metadata layers and the chunk layers that fit, then manifests of the rest (in
+    stream order), each within ``limit``, under one image index (oci/layout.py)."""
+    sizes = [len(canonical_json(d.to_json())) + 1 for d in chunk_layers]  # with a comma
+    groups: list[list[Descriptor]] = []
+    start = 0
+    room = limit - len(Manifest(EMPTY_CONFIG, fixed, annotations).to_bytes())
+    while start < len(chunk_layers) or not groups:
+        used, end = 0, start
+        while end < len(chunk_layers) and used + sizes[end] <= room:
+            used += sizes[end]
+            end += 1
+        if end == start and start < len(chunk_layers) and (groups or room < 0):
+            raise BuildError(f"a manifest limit of {limit} bytes cannot hold one chunk layer")
+        groups.append(chunk_layers[start:end])
+        start = end
+        room = limit - len(chunk_part_bytes([]))
+    first = Manifest(EMPTY_CONFIG, fixed + groups[0], annotations).to_bytes()
+    blobs = [first] + [chunk_part_bytes(g) for g in groups[1:]]
+    assert all(len(b) <= limit for b in blobs)
+    parts = [Descriptor(MEDIA_TYPE_MANIFEST, put(b), len(b)) for b in blobs]
+    return split_index_bytes(parts)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from puzzlefs.fuse.session import Connection
     from puzzlefs.mount import overlay
     from puzzlefs.mount.daemon import MakeFS
+    from puzzlefs.oci import ImageLayout
     from puzzlefs.reader._data import ChunkReader
 
 __all__ = [
@@ -85,6 +86,8 @@ def mount(
     threads: int = SERVING_THREADS,
     writable: bool = False,
     persist: str | None = None,
+    layout: ImageLayout | None = None,
+    on_live: Callable[[], None] | None = None,
 ) -> None:
     """Mount ``oci_dir:tag`` read-only at ``mountpoint``.
 
@@ -97,6 +100,10 @@ def mount(
     writes. ``writable`` (or ``persist``, a directory that keeps the changes): an
     overlayfs over the image (:mod:`puzzlefs.mount.overlay`). Raises a
     :class:`~puzzlefs.errors.PuzzleFSError` (nothing left mounted).
+
+    ``layout``: the layout of ``oci_dir`` to read through, if not a plain one (a
+    registry's lazy cache, :mod:`puzzlefs.registry`); ``on_live`` is called in the
+    serving process once the mount is live (to start its background work there).
     """
     from puzzlefs.mount import daemon, logs, overlay
 
@@ -105,7 +112,9 @@ def mount(
     try:
         opts = parse_options(options, oci_dir, tag)
         target = check_mountpoint(mountpoint, allow_nonempty=opts.nonempty)
-        make_fs = _filesystem(Path(os.path.abspath(oci_dir)), tag, verity_digest, opts.allow_root)
+        make_fs = _filesystem(
+            Path(os.path.abspath(oci_dir)), tag, verity_digest, opts.allow_root, layout, on_live
+        )
         handler = logs.log_handler(log_file, foreground)
         flags = opts.flags
         if writable or persist is not None:
@@ -155,7 +164,14 @@ def _take_down(layer: overlay.Overlay | None, target: str) -> Callable[[], None]
     return lambda: daemon.force_unmount(target)
 
 
-def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: bool) -> MakeFS:
+def _filesystem(
+    oci_dir: Path,
+    tag: str,
+    verity_digest: str | None,
+    allow_root: bool,
+    layout: ImageLayout | None = None,
+    started: Callable[[], None] | None = None,
+) -> MakeFS:
     """Open the image now (errors are the caller's; with a digest the chain is checked
     before anything is mounted); the filesystem object is made in the process that
     serves it, and its chunk reader on the first read (nothing of it is needed to
@@ -165,7 +181,7 @@ def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: 
     from puzzlefs.reader._open import OpenedImage
     from puzzlefs.reader.index import load_tables
 
-    image = OpenedImage(ImageLayout(oci_dir), tag, verity_digest=verity_digest)
+    image = OpenedImage(layout or ImageLayout(oci_dir), tag, verity_digest=verity_digest)
     tables = load_tables(image)
     allow = frozenset({0, os.geteuid()}) if allow_root else None
 
@@ -185,8 +201,13 @@ def _filesystem(oci_dir: Path, tag: str, verity_digest: str | None, allow_root: 
         return reader
 
     def make(on_live: Callable[[Connection], None]) -> ImageFS:
+        def live(conn: Connection) -> None:
+            if started is not None:
+                started()
+            on_live(conn)
+
         return ImageFS(
-            tables, data, stored_bytes=image.stored_chunk_bytes, on_live=on_live, allow_uids=allow
+            tables, data, stored_bytes=image.stored_chunk_bytes, on_live=live, allow_uids=allow
         )
 
     return make

@@ -5,10 +5,13 @@ from puzzlefs.oci._json import canonical_json
 from puzzlefs.oci.layout import (
     ANNOTATION_REF_NAME,
     ANNOTATION_VERITY_ROOT,
+    ARTIFACT_CHUNKS,
     EMPTY_CONFIG,
+    MANIFEST_LIMIT,
     MEDIA_TYPE_CHUNK,
     MEDIA_TYPE_CHUNK_ZSTD,
     MEDIA_TYPE_EMPTY,
+    MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
     MEDIA_TYPE_ROOTFS,
     MEDIA_TYPE_TIMES,
@@ -21,6 +24,9 @@ from puzzlefs.oci.store import BlobStore, DiskBlobStore, MemoryBlobStore
 
 __all__ = [
     "ANNOTATION_REF_NAME",
+    "ARTIFACT_CHUNKS",
+    "MANIFEST_LIMIT",
+    "MEDIA_TYPE_INDEX",
     "ANNOTATION_VERITY_ROOT",
     "EMPTY_CONFIG",
     "MEDIA_TYPE_CHUNK",

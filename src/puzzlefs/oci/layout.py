@@ -1,5 +1,11 @@
 """An OCI image layout directory: ``oci-layout``, ``index.json`` and ``blobs/sha256``.
 
+A tag names an image manifest, or, for an image whose manifest would exceed what
+registries accept (:data:`MANIFEST_LIMIT`), an image index of several: the first is the
+image's manifest (rootfs, times, and the chunk layers that fit), the others list the
+remaining chunk layers (artifact type :data:`ARTIFACT_CHUNKS`, the empty config).
+:meth:`ImageLayout.read_manifest` gives either as one manifest with every chunk layer.
+
 index.json is the only file that makes blobs reachable, so it is written last, through a
 temporary file and a rename, after the blobs it names are durable. Its updates are
 read-modify-write under an exclusive ``flock`` on the layout directory, so that
@@ -45,6 +51,11 @@ ARTIFACT_TYPE = "application/vnd.puzzlefs.image.v1"
 MEDIA_TYPE_TIMES = "application/vnd.puzzlefs.image.times.v1"  # ours: puzzlefs.format.times
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_VERITY_ROOT = "io.puzzlefsoci.puzzlefs.puzzlefs_verity_root_hash"
+# The manifests of an image's chunk layers beyond the first manifest (ours).
+ARTIFACT_CHUNKS = "application/vnd.puzzlefs.image.chunks.v1"
+# The largest manifest the distribution registry and containers/image accept.
+MANIFEST_LIMIT = 4 * 1024 * 1024
+MAX_SPLIT_PARTS = 4096  # manifests under one index: ~100 million chunks
 OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 EMPTY_CONFIG_BYTES = b"{}"
 MAX_JSON_BLOB = 64 * 1024 * 1024
@@ -188,6 +199,55 @@ class Manifest:
         return [d for d in self.layers if d.media_type in (MEDIA_TYPE_CHUNK, MEDIA_TYPE_CHUNK_ZSTD)]
 
 
+def split_parts(index_bytes: bytes, where: str) -> list[Descriptor]:
+    """The manifests of an image split under an index: the image's own first, then
+    the parts that carry the remaining chunk layers. Anything else is refused (an
+    index of platforms, say, is not one puzzlefs image)."""
+    obj = load_json(index_bytes, where)
+    entries = obj.get("manifests")
+    if obj.get("schemaVersion") != 2 or not isinstance(entries, list) or not entries:
+        raise ImageError(f"{where}: not an image index with manifests")
+    if len(entries) > MAX_SPLIT_PARTS:
+        raise ImageError(f"{where}: {len(entries)} manifests (at most {MAX_SPLIT_PARTS})")
+    parts = []
+    for i, entry in enumerate(entries):
+        desc = Descriptor.from_json(entry, f"{where} manifest {i}")
+        artifact = entry.get("artifactType")
+        expected = None if i == 0 else ARTIFACT_CHUNKS
+        if desc.media_type != MEDIA_TYPE_MANIFEST or artifact != expected:
+            raise ImageError(
+                f"{where} is not a puzzlefs image split into parts (manifest {i} is a "
+                f"{desc.media_type} of artifact type {artifact or 'none'}): "
+                "pull or import a single image"
+            )
+        parts.append(desc)
+    return parts
+
+
+def chunk_part_bytes(layers: list[Descriptor]) -> bytes:
+    """A manifest that only carries chunk layers, for an image split into parts."""
+    return canonical_json(
+        {
+            "artifactType": ARTIFACT_CHUNKS,
+            "config": EMPTY_CONFIG.to_json(),
+            "layers": [d.to_json() for d in layers],
+            "mediaType": MEDIA_TYPE_MANIFEST,
+            "schemaVersion": 2,
+        }
+    )
+
+
+def split_index_bytes(parts: list[Descriptor]) -> bytes:
+    """The image index naming an image's manifest parts, the image's own first."""
+    entries = []
+    for i, d in enumerate(parts):
+        entry = d.to_json()
+        if i > 0:
+            entry["artifactType"] = ARTIFACT_CHUNKS
+        entries.append(entry)
+    return canonical_json({"manifests": entries, "mediaType": MEDIA_TYPE_INDEX, "schemaVersion": 2})
+
+
 def load_json(data: bytes, where: str) -> dict[str, Any]:
     """A JSON object from untrusted bytes (ImageError for anything else)."""
     try:
@@ -273,7 +333,7 @@ class ImageLayout:
         for i, d in enumerate(self.read_index().get("manifests", [])):
             desc = Descriptor.from_json(d, f"index.json manifest {i}")
             tag = desc.annotations.get(ANNOTATION_REF_NAME)
-            if tag is not None and desc.media_type == MEDIA_TYPE_MANIFEST:
+            if tag is not None and desc.media_type in (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX):
                 out[tag] = desc
         return out
 
@@ -285,34 +345,70 @@ class ImageLayout:
         return tags[tag]
 
     def read_manifest(self, tag: str) -> tuple[Descriptor, bytes, Manifest]:
+        """The tag's descriptor, the bytes it names (the one digest the fs-verity chain
+        starts from) and its manifest; for an index of parts, the first part's
+        manifest with the chunk layers of every part, each part checked against the
+        sha256 and size the index gives it."""
         desc = self.resolve(tag)
-        if desc.size > MAX_JSON_BLOB:
-            raise ImageError(f"manifest of {tag!r} is implausibly large ({desc.size} bytes)")
-        what = f"manifest of {tag!r} (blob {desc.digest.hex})"
-        try:
-            data = self.blobs.get(desc.digest, size=desc.size)
-        except DigestMismatch as e:
-            raise DigestMismatch(what, e.expected, e.actual) from None
-        except BlobNotFound:
-            raise BlobNotFound(f"{what} is missing") from None
-        except ImageError as e:  # not a regular file, or not the size index.json says
-            raise ImageError(f"manifest of {tag!r}: {e}") from None
+        data = self._json_blob(desc, f"manifest of {tag!r}", "index.json")
+        if desc.media_type == MEDIA_TYPE_INDEX:
+            return desc, data, self._merged(data, tag)
         return desc, data, Manifest.from_bytes(data, f"manifest of {tag!r}")
 
+    def _json_blob(self, desc: Descriptor, what: str, named_by: str) -> bytes:
+        """A manifest or index blob, checked against its sha256 and the size
+        ``named_by`` gives it."""
+        if desc.size > MAX_JSON_BLOB:
+            raise ImageError(f"{what} is implausibly large ({desc.size} bytes)")
+        named = f"{what} (blob {desc.digest.hex})"
+        try:
+            return self.blobs.get(desc.digest, size=desc.size)
+        except DigestMismatch as e:
+            raise DigestMismatch(named, e.expected, e.actual) from None
+        except BlobNotFound:
+            raise BlobNotFound(f"{named} is missing") from None
+        except ImageError as e:  # not a regular file, or not the size named_by says
+            raise ImageError(f"{what}: {e}") from None
+
+    def _merged(self, index_bytes: bytes, tag: str) -> Manifest:
+        parts = split_parts(index_bytes, f"image index of {tag!r}")
+        manifests = []
+        for i, part in enumerate(parts):
+            what = f"manifest part {i} of {tag!r}"
+            data = self._json_blob(part, what, "its image index")
+            manifests.append(Manifest.from_bytes(data, what))
+        first = manifests[0]
+        layers = list(first.layers)
+        for i, m in enumerate(manifests[1:], 1):
+            if len(m.chunk_layers) != len(m.layers):
+                raise ImageError(f"manifest part {i} of {tag!r} holds layers other than chunks")
+            layers += m.layers
+        return Manifest(first.config, layers, dict(first.annotations))
+
     def set_tag(
-        self, tag: str, manifest_digest: Digest, manifest_size: int, *, lock: bool = True
+        self,
+        tag: str,
+        manifest_digest: Digest,
+        manifest_size: int,
+        *,
+        lock: bool = True,
+        media_type: str = MEDIA_TYPE_MANIFEST,
     ) -> None:
-        """Point ``tag`` at a manifest (already stored): drop any old descriptor with
-        that tag and append the new one, then replace index.json atomically. ``lock``
-        is False when the caller already holds the layout's lock."""
+        """Point ``tag`` at a manifest or image index (already stored): drop any old
+        descriptor with that tag and append the new one, then replace index.json
+        atomically. ``lock`` is False when the caller already holds the layout's
+        lock."""
+        if media_type not in (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX):
+            raise ImageError(f"a tag names a manifest or an index, not {media_type}")
         with self.locked() if lock else contextlib.nullcontext():
             self.blobs.sync()
+            platform = {"architecture": host_architecture(), "os": "linux"}
             desc = Descriptor(
-                MEDIA_TYPE_MANIFEST,
+                media_type,
                 manifest_digest,
                 manifest_size,
                 {ANNOTATION_REF_NAME: tag},
-                {"architecture": host_architecture(), "os": "linux"},
+                platform if media_type == MEDIA_TYPE_MANIFEST else None,
             )
             self._replace_tags({tag}, [desc.to_json()])
 

@@ -28,7 +28,7 @@ import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from puzzlefs._files import AtomicDir, check_size, read_regular
@@ -67,6 +67,18 @@ class BlobStore(ABC):
         digest = Digest(hashlib.sha256(data).hexdigest())
         self.put_verified(digest, data)
         return digest
+
+    def put_stream(self, digest: Digest, pieces: Iterable[bytes | memoryview]) -> bool:
+        """Store the bytes of ``pieces`` (a download, say) if their sha256 is
+        ``digest``; raise :class:`DigestMismatch` and store nothing if it is not.
+        False if the blob existed (``pieces`` is then not consumed)."""
+        if self.has(digest):
+            return False
+        data = b"".join(pieces)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest.hex:
+            raise DigestMismatch(f"blob {digest.hex}", digest.hex, actual)
+        return self.put_verified(digest, data)
 
     def get(
         self,
@@ -203,6 +215,22 @@ class DiskBlobStore(BlobStore):
         self._ensure_root()
         # Something that is not a blob (a FIFO, a symlink) is replaced, not kept.
         return self._dir.write(digest.hex, data, keep_existing=st is None, durable=False)
+
+    def put_stream(self, digest: Digest, pieces: Iterable[bytes | memoryview]) -> bool:
+        """Written to a temporary file as the pieces come (bounded memory, whatever the
+        size), hashed on the way, and put into place only if the sha256 matches."""
+        st = self._lstat(digest)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            return False
+        self._ensure_root()
+        h = hashlib.sha256()
+        with self._dir.create(digest.hex, durable=False) as f:
+            for piece in pieces:
+                h.update(piece)
+                f.write(piece)
+            if h.hexdigest() != digest.hex:  # raised inside: nothing is kept
+                raise DigestMismatch(f"blob {digest.hex}", digest.hex, h.hexdigest())
+        return True
 
     def sync(self) -> None:
         if not self.root.exists():

@@ -25,8 +25,14 @@ from puzzlefs.errors import (
     VerityMismatch,
 )
 from puzzlefs.format import Kind, RootfsReader
-from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout, Manifest
-from puzzlefs.oci.layout import MAX_JSON_BLOB, MAX_ROOTFS_BLOB
+from puzzlefs.oci import (
+    ANNOTATION_VERITY_ROOT,
+    MEDIA_TYPE_INDEX,
+    Descriptor,
+    ImageLayout,
+    Manifest,
+)
+from puzzlefs.oci.layout import MAX_JSON_BLOB, MAX_ROOTFS_BLOB, split_parts
 from puzzlefs.progress import Progress
 from puzzlefs.reader._open import MAX_TIMES_BLOB
 from puzzlefs.reference_compat import compressed_chunk_size_ok, is_zstd_image, raw_chunk_verity_ok
@@ -107,7 +113,12 @@ def image_blobs(
     blobs = [_Blob(desc.digest, "manifest", desc.size, verity_digest)]
     try:
         data = _get(layout, desc, "manifest")
-        manifest = Manifest.from_bytes(data, f"manifest of {tag!r}")
+        if desc.media_type == MEDIA_TYPE_INDEX:  # an image split into manifest parts
+            parts = split_parts(data, f"image index of {tag!r}")
+            blobs += [_Blob(p.digest, "manifest", p.size, None) for p in parts]
+            _, _, manifest = layout.read_manifest(tag)
+        else:
+            manifest = Manifest.from_bytes(data, f"manifest of {tag!r}")
         rootfs_desc = manifest.rootfs
     except PuzzleFSError as e:
         problems.append(Problem(desc.digest.hex, "manifest", str(e)))

@@ -1,0 +1,58 @@
+"""Credentials from the files docker and podman write, and the challenges registries
+send (no registry needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from puzzlefs.errors import RegistryAuthError
+from puzzlefs.registry._auth import auth_files, find_credentials, parse_challenge
+
+
+def test_bearer_challenge_with_commas_in_quotes() -> None:
+    c = parse_challenge(
+        'Bearer realm="https://auth.example/token",service="registry.example",'
+        'scope="repository:a/b:pull,push"'
+    )
+    assert c is not None and c.scheme == "bearer"
+    assert c.params == {
+        "realm": "https://auth.example/token",
+        "service": "registry.example",
+        "scope": "repository:a/b:pull,push",
+    }
+    basic = parse_challenge('Basic realm="x \\"y\\""')
+    assert basic is not None and (basic.scheme, basic.realm) == ("basic", 'x "y"')
+    assert parse_challenge("") is None
+
+
+def _write(path: Path, auths: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"auths": auths}))
+
+
+def test_credentials_in_podmans_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    assert find_credentials("h:5000") is None
+    enc = base64.b64encode(b"docker:pw:with:colons").decode()
+    _write(tmp_path / "docker" / "config.json", {"https://h:5000/v1/": {"auth": enc}})
+    creds = find_credentials("h:5000")
+    assert creds is not None and (creds.username, creds.password) == ("docker", "pw:with:colons")
+    assert find_credentials("h") is None  # another port is another registry
+    podman = base64.b64encode(b"podman:pw").decode()
+    _write(tmp_path / "run" / "containers" / "auth.json", {"h:5000": {"auth": podman}})
+    creds = find_credentials("h:5000")
+    assert creds is not None and creds.username == "podman"
+    assert creds.source == str(tmp_path / "run" / "containers" / "auth.json")
+    assert auth_files()[0] == tmp_path / "run" / "containers" / "auth.json"
+    _write(tmp_path / "bad.json", {"h:5000": {"auth": "!!!"}})
+    with pytest.raises(RegistryAuthError, match="base64"):
+        find_credentials("h:5000", tmp_path / "bad.json")
+    with pytest.raises(RegistryAuthError, match="does not exist"):
+        find_credentials("h:5000", tmp_path / "missing.json")
