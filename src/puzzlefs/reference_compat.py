@@ -11,6 +11,12 @@ pass.
   digest of the compressed attempt, not of the stored bytes (FORMAT.md §8).
 - Sizes of compressed chunks: the 0.2.0 reference gives a ``+zstd`` chunk's manifest
   descriptor the uncompressed size, not the stored one.
+- One number stored twice in one layer, once as a whiteout (:data:`WHITEOUT_YIELDS`):
+  when a ``-b`` build deletes one link of a hard-link group and keeps the others, the
+  reference writes a whiteout for the inode beside the inode itself, and keeps every
+  directory as it was: which link was deleted is recorded nowhere. Readers then take
+  the inode, not the whiteout, so every link stays (the deleted name comes back): the
+  one reading that loses nothing the image holds, and the same for every reader.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ from puzzlefs.errors import ImageError
 from puzzlefs.oci import MEDIA_TYPE_CHUNK_ZSTD, Descriptor
 from puzzlefs.verity import fsverity_digest
 
-__all__ = ["compressed_chunk_size_ok", "is_zstd_image", "raw_chunk_verity_ok"]
+__all__ = ["WHITEOUT_YIELDS", "compressed_chunk_size_ok", "is_zstd_image", "raw_chunk_verity_ok"]
+
+WHITEOUT_YIELDS = True
+"""Where one layer stores a number twice, a whiteout and an inode, the inode is read
+(format.RootfsReader.find and the mount's tables follow this)."""
 
 
 def is_zstd_image(chunk_layers: Iterable[Descriptor]) -> bool:

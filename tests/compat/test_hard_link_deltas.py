@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fusehelp import cli
+from fusehelp import cli, force_clean
 from refutil import (
     MOUNT_NLINK_0,
     Jail,
@@ -76,19 +76,39 @@ def test_the_reference_delta_holds_one_number_twice(reference_delta: Path) -> No
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the reference's delta layer holds the kept inode and a whiteout under one"
-    " number, and the deleted name in its directory: which of the two a lookup's binary"
-    " search finds decides, so the deleted name comes back (here) or every link goes;"
-    " reading it right needs a rule in the reader (proposed to the lead: a directory"
-    " entry whose number has a whiteout in the directory's own layer is a deleted name;"
-    " the number itself resolves to the inode that is not a whiteout)",
-)
-def test_our_extract_gives_the_source(
+def test_the_deleted_link_is_recorded_nowhere(reference_delta: Path) -> None:
+    """Every directory of the reference's delta lists the names the base lists: only
+    the whiteout beside the kept inode says a link went, not which."""
+    image = open_image(reference_delta, "v2")
+    names = {
+        layer: sorted(
+            (i.ino, e.name)
+            for i in image.rootfs.layer(layer)
+            if i.kind is Kind.DIR
+            for e in i.entries
+        )
+        for layer in (0, 1)
+    }
+    assert names[0] == names[1]
+
+
+def test_our_readers_keep_every_link(
     reference_delta: Path, chain: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    """Our readers read the inode, not its whiteout (reference_compat.WHITEOUT_YIELDS):
+    nothing the image holds is lost, and the deleted name comes back. extract and the
+    mount give the same tree: the base's, all three links."""
+    v1, _ = chain
     done = cli("extract", f"{reference_delta}:v2", tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    assert_same_tree(chain[1], tmp_path / "out")
+    assert_same_tree(v1, tmp_path / "out")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        done = cli("mount", "--log-file", tmp_path / "log", f"{reference_delta}:v2", mnt)
+        assert done.returncode == 0, done.stderr
+        assert_same_tree(v1, mnt)
+        assert os.stat(mnt / "third").st_nlink == 3
+        assert cli("umount", mnt).returncode == 0
+    finally:
+        force_clean(mnt)

@@ -268,7 +268,8 @@ class RootfsReader:
                     node = inodes[mid]
                     found = node.ino
                     if found == ino:
-                        return _decode_inode(node, (self, layer, mid) if lazy else None)
+                        at = _preferred(inodes, mid, self._layer_sizes[layer])
+                        return _decode_inode(inodes[at], (self, layer, at) if lazy else None)
                     if found < ino:
                         lo = mid + 1
                     else:
@@ -350,6 +351,23 @@ def _short(e: Exception) -> str:
 MAX_DEVICE_NUMBER = (1 << 32) - 1  # dev_t's major and minor are 32 bits each
 MAX_FILE_SIZE = (1 << 63) - 1  # off_t
 MAX_PERMISSIONS = 0o7777
+
+
+def _preferred(inodes: Any, at: int, count: int) -> int:
+    """Of the run of inodes sharing ``inodes[at]``'s number, the one to read: the first
+    that is not a whiteout, else the first (reference_compat.WHITEOUT_YIELDS)."""
+    ino = inodes[at].ino
+    start, end = at, at + 1
+    while start > 0 and inodes[start - 1].ino == ino:
+        start -= 1
+    while end < count and inodes[end].ino == ino:
+        end += 1
+    if end - start == 1:
+        return at
+    for j in range(start, end):
+        if inodes[j].mode.which() != Kind.WHT.value:
+            return j
+    return start
 
 
 def _decode_inode(node: Any, lazy: tuple[RootfsReader, int, int] | None = None) -> Inode:

@@ -230,7 +230,11 @@ class Image:
         for i, node in enumerate(self.rootfs.layer(0, lazy=True)):
             if i >= INODE_CACHE_ENTRIES:
                 break
-            self._inodes.put(node.ino, None if node.kind is Kind.WHT else node)
+            if node.kind is Kind.WHT:
+                if node.ino not in self._inodes._items:
+                    self._inodes.put(node.ino, None)
+            elif self._inodes.get(node.ino) is None:  # its number's first inode wins
+                self._inodes.put(node.ino, node)  # over a whiteout (WHITEOUT_YIELDS)
 
     def warm_up(self) -> None:
         """Compute now what the first ``stat`` of a file would (the link counts); for a

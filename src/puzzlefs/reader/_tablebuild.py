@@ -150,10 +150,19 @@ def build(decoded: DecodedRootfs, source: bytes, times: bytes | None) -> Built:
     ino = np.concatenate([lay.ino for lay in layers])
     layer_of = np.concatenate([np.full(len(lay.ino), i, dtype=I64) for i, lay in enumerate(layers)])
     row_in = np.concatenate([np.arange(len(lay.ino), dtype=I64) for lay in layers])
-    order = np.lexsort((row_in, layer_of, ino))
+    # A number stored twice in one layer: its inode before its whiteout
+    # (reference_compat.WHITEOUT_YIELDS), else the first stored.
+    all_kinds = np.concatenate([lay.kind for lay in layers])
+    yields = all_kinds == code["wht"]
+    order = np.lexsort((row_in, yields, layer_of, ino))
     sorted_ino = ino[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = sorted_ino[1:] != sorted_ino[:-1]
+    sorted_layer = layer_of[order]
+    twice = ~first[1:] & (sorted_layer[1:] == sorted_layer[:-1])
+    problems.note(
+        int(twice.sum()), "inode numbers stored twice in one layer (the first not a whiteout read)"
+    )
     win = order[first]
     n = len(win)
     w_ino = ino[win]
