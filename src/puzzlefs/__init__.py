@@ -12,10 +12,9 @@ The names are imported on first use, so that ``import puzzlefs`` (and the comman
 line, which starts with it) stays cheap.
 """
 
-from __future__ import annotations
-
-# Nothing imported at the top, not even typing: the command's start-up runs through
-# here before it can set up its signal handling (see puzzlefs.__main__).
+# Nothing imported at the top, not even __future__ or typing (an import is a window of
+# milliseconds): the command's start-up runs through here before it can set up its
+# signal handling (see puzzlefs.__main__).
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, which mypy also sees as True
 
 __version__ = "0.1.0"
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
     from puzzlefs.reader import Image, open_image
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'puzzlefs' has no attribute {name!r}")
