@@ -93,6 +93,16 @@ class ImageFS:
     def connected(self, conn: Connection) -> None:
         if self.on_live is not None:
             self.on_live(conn)
+        if self._data is None:
+            # Made now, beside the first requests, rather than by the first read: its
+            # imports alone, on a cold page cache, held that read up for 50 ms.
+            threading.Thread(target=self._prepare, name="puzzlefs-prepare", daemon=True).start()
+
+    def _prepare(self) -> None:
+        try:
+            self.data  # noqa: B018  # made and kept
+        except Exception as e:  # the first read meets it again, and says so
+            log.debug("preparing the chunk reader: %s", e)
 
     def _guarded(self, handler: Callable[[Request], Reply]) -> Callable[[Request], Reply]:
         """``-o allow_root``: the kernel lets everyone in (allow_other), we only the
@@ -275,22 +285,24 @@ class ImageFS:
         if offset >= end:
             return b""
         i = bisect.bisect_right(starts, offset) - 1
-        parts: list[bytes] = []
+        reads: list[tuple[bytes, bool, int, int, int]] = []
         pos = offset
         while pos < end and i < len(pieces):
             file_off, blob_off, blob, compressed = pieces[i]
             piece_end = starts[i + 1] if i + 1 < len(pieces) else attr.size
             n = min(piece_end, end) - pos
             digest, _ = self.tables.blob(blob)
-            within = blob_off + pos - file_off
-            parts.append(
-                self.data.read(digest, compressed, within, n, blob_off + piece_end - file_off)
+            reads.append(
+                (digest, compressed, blob_off + pos - file_off, n, blob_off + piece_end - file_off)
             )
             pos += n
             i += 1
         if pos < end:
             raise MetadataError(f"inode {attr.ino}: its chunks end before its size")
-        return parts
+        data = self.data
+        if len(reads) > 1:  # the loaders fetch the others while this thread fetches the first
+            data.want([(r[0], r[1]) for r in reads[1:]])
+        return [data.read(*r) for r in reads]
 
 
 def _nothing(req: Request) -> Reply:

@@ -7,10 +7,11 @@ requests at all, directory listings and symlinks cached by the kernel, readdirpl
 only, large reads). Here a request costs one ``readv``, a header unpack, one handler
 call and one ``writev``.
 
-Several threads serve one session: each blocks in ``readv`` (the GIL released) and
-the kernel hands each request to one of them, so a cold read waiting for the disk,
-hashing or decompressing (all of which release the GIL) does not hold up the lookups
-of other processes.
+One or more threads serve a session: each blocks in ``readv`` (the GIL released) and
+the kernel hands each request to one of them, so with several, a read waiting for the
+disk or a network does not hold up the lookups of other processes. (A local mount
+serves with one: its waiting is done by loader threads, and a second serving thread
+there only competes for the GIL; see :mod:`puzzlefs.mount`.)
 
 Errors become errnos here and nowhere else: a handler raises :class:`FuseError` for a
 chosen errno; a :class:`~puzzlefs.errors.PuzzleFSError` gives its own errno (EIO for

@@ -102,6 +102,11 @@ class BlobStore(ABC):
         """A file holding the blob, where the store has one (for fs-verity ioctls)."""
         return None
 
+    def directory(self) -> str | None:
+        """The directory of one file per blob, named by its hex digest, where the store
+        is one (for hints to the kernel, which need no checks)."""
+        return None
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Held by a writer from its first ``has``/``put`` to its tag's commit."""
@@ -158,6 +163,9 @@ class DiskBlobStore(BlobStore):
 
     def path(self, digest: Digest) -> Path:
         return self.root / digest.hex
+
+    def directory(self) -> str:
+        return str(self.root)
 
     # The lock is the blob directory's own (through any symlink), so layouts that share
     # a store share its lock.

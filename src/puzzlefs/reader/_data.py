@@ -78,7 +78,7 @@ class ChunkReader:
         self._blobs: LRU[_Key, bytes | SeekableBlob] = LRU(BLOB_CACHE_BYTES, _blob_weight)
         self._frames: LRU[tuple[bytes, int], bytes] = LRU(FRAME_CACHE_BYTES, len)
         self._loading: dict[_Key, threading.Event] = {}  # loads under way, by anyone
-        self._readahead = Readahead(self._blob_path, stream, prefetch=self._prefetch)
+        self._readahead = Readahead(layout.blobs.directory(), stream, prefetch=self._prefetch)
         self._queue: queue.SimpleQueue[_Key] | None = None  # the loaders' work
         self._lock = threading.Lock()
         self._measure_misses = 0
@@ -102,11 +102,12 @@ class ChunkReader:
     def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
         """A chunk blob, verified, decoded for random access, cached."""
         key = (raw_digest, compressed)
+        sequential = self._readahead.accessed(raw_digest, compressed)
         cached = self._blobs.get(key)
         if cached is not None:
             return cached
-        self._readahead.loading(raw_digest, compressed)
-        loaded = self._load(key, whole=False, wait=True)
+        # A sequential reader will want all of it: one call decodes it whole.
+        loaded = self._load(key, whole=sequential, wait=True)
         assert loaded is not None
         return loaded
 
@@ -144,6 +145,14 @@ class ChunkReader:
         except ImageError as e:  # its seek table or a frame: say which blob
             raise ImageError(f"chunk blob {raw_digest.hex()}: {e}") from None
 
+    def want(self, keys: list[tuple[bytes, bool]]) -> None:
+        """Blobs a reader will read next, after one it reads now: the loaders load
+        those not cached meanwhile, so that a cold read of several chunks waits for
+        the disk once, not once per chunk."""
+        todo = [k for k in keys if k not in self._loading and self._blobs.get(k) is None]
+        if todo:
+            self._prefetch(todo)
+
     def _prefetch(self, keys: list[_Key]) -> None:
         """Have the loaders load these blobs ahead of a sequential reader."""
         if self._queue is None:
@@ -177,10 +186,6 @@ class ChunkReader:
         """Announce the next chunk blobs to the kernel when reads look sequential (for
         a long-lived reader such as a mount; it starts a small helper process)."""
         self._readahead.enable()
-
-    def _blob_path(self, raw_digest: bytes) -> str | None:
-        path = self.layout.blobs.path(Digest.from_raw(raw_digest))
-        return None if path is None else str(path)
 
     def _fetch(self, raw_digest: bytes, compressed: bool) -> bytes:
         """A chunk blob's stored bytes, checked against its fs-verity digest the first

@@ -10,16 +10,20 @@ window doubles on each sequential step, as the kernel's own page readahead does,
 random access gets none.
 
 The announcing (open, fadvise, close per blob, which can block on a cold disk) is done
-by a small helper process fed blob paths through a pipe. Measured on a mount, that
+by a small helper process fed hex digests through a pipe. Measured on a mount, that
 beats doing it in the serving thread (which then waits for the disk) and in a thread of
 the same process (every hint is three trips through the GIL, which the serving thread,
-hashing, then keeps waiting for: a third more CPU under ``--digest``). The pipe is
-non-blocking: a helper that falls behind loses hints, never stalls a reader.
+hashing, then keeps waiting for: a third more CPU under ``--digest``). Even the write
+to the pipe is left to a thread of its own: a serving thread that makes a system call
+waits to get the GIL back, which with the loaders busy cost 12% of its time on a cold
+``tar``. The pipe is non-blocking: a helper that falls behind loses hints, never
+stalls a reader.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import select
 import sys
 import threading
@@ -28,9 +32,7 @@ from typing import Any
 
 MAX_WINDOW = 64  # blobs ahead (64 KiB on average each) announced to the kernel
 NEAR = 8  # blobs ahead loaded into memory
-IO_DEPTH = int(
-    os.environ.get("PZ_IO_DEPTH", "8")
-)  # blobs announced at once: the disk works best with several requests in flight
+IO_DEPTH = 8  # blobs announced at once: the disk works best with several requests in flight
 
 _HELPER = """
 import os, queue, sys, threading
@@ -52,8 +54,9 @@ def work():
         os.close(fd)
 for _ in range(int(sys.argv[1])):
     threading.Thread(target=work, daemon=True).start()
+base = os.fsencode(sys.argv[2]) + b"/"
 for line in sys.stdin.buffer:
-    todo.put(line[:-1])
+    todo.put(base + line[:-1])
 """
 
 
@@ -64,13 +67,13 @@ class Readahead:
 
     def __init__(
         self,
-        path: Callable[[bytes], str | None],
+        directory: str | None,
         stream: Iterable[bytes],
         *,
         prefetch: Callable[[list[tuple[bytes, bool]]], None] | None = None,
         max_window: int = MAX_WINDOW,
     ) -> None:
-        self._path = path
+        self._directory = directory  # of the blob files (None: no kernel hints)
         self._stream: list[bytes] = []
         self._index: dict[bytes, int] = {}
         for digest in stream:  # the reference may list a chunk twice: keep the first
@@ -80,26 +83,33 @@ class Readahead:
         self._max_window = max_window
         self._lock = threading.Lock()
         self._start = threading.Lock()
-        self._last = -(1 << 62)  # stream position of the last blob loaded
+        self._last = -(1 << 62)  # stream position of the last blob used
         self._window = 0
         self._hinted = -1  # blobs up to here were announced
         self._prefetch = prefetch
         self._queued = -1  # blobs up to here were handed to prefetch
         self._enabled = False
         self._helper: Any = None  # a subprocess.Popen, started lazily
-        self._pipe: int | None = None  # its stdin
+        self._outbox: queue.SimpleQueue[bytes] | None = None  # hints for the helper
 
     def enable(self) -> None:
         self._enabled = True
 
-    def loading(self, digest: bytes, compressed: bool = False) -> None:
-        """A blob is about to be loaded (it was not cached): maybe announce the next.
-        Both kinds of hints go out in batches, half a window at a time."""
+    def accessed(self, digest: bytes, compressed: bool = False) -> bool:
+        """A reader uses this blob (cached or not): maybe announce the next ones. True
+        when the access continues a sequential walk of the stream.
+
+        Hits count as much as misses: with the loaders ahead of a reader, every blob it
+        reaches is cached, and it must still move the window on, or the reader runs
+        out of loaded blobs and loads the next one itself. Both kinds of hints go out
+        in batches, half a window at a time."""
         if not self._enabled:
-            return
+            return False
         pos = self._index.get(digest)
         if pos is None:
-            return
+            return False
+        if pos == self._last:  # another piece of the same blob
+            return self._window > 0
         near: list[bytes] = []
         with self._lock:
             if 0 < pos - self._last <= max(self._window, 2):
@@ -115,54 +125,61 @@ class Readahead:
                     near = self._stream[start:stop]
                     self._queued = stop - 1
             lines = b""
-            if self._hinted - pos <= window // 2:
+            if self._hinted - pos <= window // 2 and self._directory is not None:
                 start, stop = max(self._hinted, pos) + 1, min(pos + 1 + window, len(self._stream))
                 if start < stop:
                     self._hinted = stop - 1
-                    paths = (self._path(d) for d in self._stream[start:stop])
-                    lines = b"".join(os.fsencode(p) + b"\n" for p in paths if p is not None)
+                    lines = b"".join(d.hex().encode() + b"\n" for d in self._stream[start:stop])
         if near and self._prefetch is not None:
             self._prefetch([(d, compressed) for d in near])
         if lines:
             self._send(lines)
+        return window > 0
 
     def _send(self, lines: bytes) -> None:
-        pipe = self._pipe if self._pipe is not None else self._start_helper()
-        if pipe is None:
-            return
-        # Pieces of whole lines, each small enough to be written atomically (two
-        # threads may send at once).
-        while lines:
-            cut = lines.rfind(b"\n", 0, select.PIPE_BUF) + 1 or len(lines)
-            try:
-                os.write(pipe, lines[:cut])
-            except BlockingIOError:
-                return  # the helper is behind: these hints are dropped
-            except OSError:  # the helper is gone: no more readahead
-                self._enabled = False
-                return
-            lines = lines[cut:]
+        """Hand hints to the sender thread: a serving thread never makes the system call
+        itself (getting the GIL back after one, with loaders busy, costs more than the
+        call)."""
+        if self._outbox is None:
+            with self._start:
+                if self._outbox is None:
+                    outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+                    threading.Thread(
+                        target=self._sender, args=(outbox,), name="puzzlefs-hints", daemon=True
+                    ).start()
+                    self._outbox = outbox
+        self._outbox.put(lines)
+
+    def _sender(self, outbox: queue.SimpleQueue[bytes]) -> None:
+        pipe = self._start_helper()
+        while pipe is not None:
+            lines = outbox.get()
+            while lines:  # pieces of whole lines, each written atomically
+                cut = lines.rfind(b"\n", 0, select.PIPE_BUF) + 1 or len(lines)
+                try:
+                    os.write(pipe, lines[:cut])
+                except BlockingIOError:
+                    break  # the helper is behind: these hints are dropped
+                except OSError:  # the helper is gone: no more readahead
+                    self._enabled = False
+                    return
+                lines = lines[cut:]
 
     def _start_helper(self) -> int | None:
-        """The helper's pipe, the helper started the first time a reader needs it."""
-        with self._start:
-            if self._pipe is not None or not self._enabled:
-                return self._pipe
-            import subprocess
+        """The helper's pipe (None if it cannot start: no kernel hints then)."""
+        import subprocess
 
-            try:
-                self._helper = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _HELPER, str(IO_DEPTH)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    close_fds=True,  # above all, never hold a FUSE device open
-                )
-            except OSError:
-                self._enabled = False
-                return None
-            assert self._helper.stdin is not None
-            pipe: int = self._helper.stdin.fileno()
-            os.set_blocking(pipe, False)
-            self._pipe = pipe
-            return pipe
+        try:
+            self._helper = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _HELPER, str(IO_DEPTH), str(self._directory)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,  # above all, never hold a FUSE device open
+            )
+        except OSError:
+            return None
+        assert self._helper.stdin is not None
+        pipe: int = self._helper.stdin.fileno()
+        os.set_blocking(pipe, False)
+        return pipe

@@ -5,10 +5,10 @@ The first mount of an image builds the index from the rootfs; later mounts of an
 image with the same rootfs map it in milliseconds. A file is used only if it is ours,
 private, of this format version, made from exactly this rootfs (its header names the
 rootfs's sha256, which the manifest vouches for, and with ``--digest`` the fs-verity
-chain), and its own checksum holds; anything else is rebuilt, never served (with a times blob, the
-name and header are of both blobs' digests). The rootfs
-stays the authority: the index is derived from it, and rebuilt from it whenever in
-doubt. The cache is bounded (least recently used indexes go first).
+chain), and its own checksum holds; anything else is rebuilt, never served. (With a
+times blob, the name and header are of both blobs' digests.) The rootfs stays the
+authority: the index is derived from it, and rebuilt from it whenever in doubt. The
+cache is bounded (least recently used indexes go first).
 
 Where: ``$PUZZLEFS_INDEX_DIR``, else ``$XDG_CACHE_HOME/puzzlefs/index``, else
 ``~/.cache/puzzlefs/index``. Where it cannot be written, the index lives in memory for
