@@ -107,3 +107,5 @@ def test_every_command_explains_itself() -> None:
         assert c in top
         text = run(c, "--help").stdout
         assert "examples:" in text and f"puzzlefs {c}" in text.split("examples:")[1], c
+        examples = text.split("examples:")[1].strip().splitlines()
+        assert not any("   puzzlefs " in e.strip() for e in examples), (c, examples)

@@ -200,3 +200,25 @@ def test_gc_of_a_layout_without_a_store_changes_nothing(tmp_path: Path) -> None:
         report = gc(ImageLayout(oci), dry_run=dry_run)
         assert (report.removed, report.kept) == ([], 0)
         assert not (oci / "blobs" / "sha256").exists()
+
+
+def test_verify_without_a_tag_checks_every_tag(tmp_path: Path) -> None:
+    oci = tmp_path / "oci"
+    build(tree(tmp_path / "a", 1), oci, "one")
+    before = blobs(oci)
+    build(tree(tmp_path / "b", 2), oci, "two", compress=True)
+    only_two = blobs(oci) - before
+    r = run("verify", str(oci))
+    assert r.returncode == 0, r.stderr
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == ["one", "two"]
+    report = json.loads(run("verify", "--json", str(oci)).stdout)
+    assert [t["tag"] for t in report] == ["one", "two"] and all(t["ok"] for t in report)
+    assert json.loads(run("verify", "--json", f"{oci}:two").stdout)["tag"] == "two"
+    # a chunk only "two" needs goes: "two" fails, "one" stays ok, and the exit says so
+    (oci / "blobs" / "sha256" / sorted(only_two)[0]).unlink()
+    r = run("verify", str(oci))
+    assert r.returncode == 1
+    assert "one: " in r.stdout and r.stdout.split("one: ")[1].splitlines()[0].endswith(": ok")
+    assert "two: " in r.stdout and "problem" in r.stdout.split("two: ")[1]
+    r = run("verify", "--digest", "00" * 32, str(oci))
+    assert r.returncode == 2 and r.stderr.startswith("Error: --digest checks one image")

@@ -176,22 +176,37 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from puzzlefs.oci import ImageLayout
     from puzzlefs.reader.verify import verify
 
-    oci_dir, tag = _image_ref(args.image)
-    report = verify(
-        oci_dir, tag, verity_digest=_verity_hex(args.digest), progress=Progress("verifying")
-    )
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+    whole_layout = os.path.isfile(os.path.join(args.image, "index.json"))
+    if whole_layout:  # every tag
+        if args.digest:
+            raise UsageError("--digest checks one image: give OCI_DIR:TAG")
+        oci_dir, tags = Path(args.image), sorted(ImageLayout(args.image).tags())
+        if not tags:
+            raise UsageError(f"{args.image} has no tags to verify")
     else:
+        oci_dir, tag = _image_ref(args.image)
+        tags = [tag]
+    reports = []
+    for tag in tags:
+        report = verify(
+            oci_dir, tag, verity_digest=_verity_hex(args.digest), progress=Progress("verifying")
+        )
+        reports.append((tag, report))
+        if args.json:
+            continue
         for p in report.problems or []:
             print(one_line(f"{p.role} {p.blob or '-'}: {p.message}"))
         state = "ok" if report.ok else f"{len(report.problems or [])} problem(s)"
         chain = " and fs-verity chain" if args.digest else ""
         checked = f"{report.checked} blobs, {report.bytes:,} bytes checked (sha256{chain})"
-        print(f"{tag}: {checked}: {state}")
-    return 0 if report.ok else 1
+        print(one_line(f"{tag}: {checked}: {state}"))
+    if args.json:
+        out = [r.to_json() for _, r in reports]
+        print(json.dumps(out if whole_layout else out[0], indent=2))
+    return 0 if all(r.ok for _, r in reports) else 1
 
 
 def cmd_du(args: argparse.Namespace) -> int:
@@ -631,7 +646,9 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         import textwrap
 
         return "\n\n".join(
-            textwrap.fill(para, width, initial_indent=indent, subsequent_indent=indent)
+            para  # a list of examples, one per indented line: as written
+            if "\n  " in para
+            else textwrap.fill(para, width, initial_indent=indent, subsequent_indent=indent)
             for para in text.split("\n\n")
         )
 
@@ -719,11 +736,16 @@ def _parser() -> argparse.ArgumentParser:
         "check that every blob of an image is present and intact",
         "Every blob the image needs (manifest, config, rootfs, times, every chunk any "
         "layer uses) for presence, size and sha256, and with --digest the whole "
-        "fs-verity chain. It lists every problem and exits 1 if there is any.",
-        ["puzzlefs verify oci:v1", "puzzlefs verify --digest HEX --json oci:v1"],
+        "fs-verity chain. It lists every problem and exits 1 if there is any. Given "
+        "an OCI_DIR without a tag, it checks every tag of it.",
+        [
+            "puzzlefs verify oci:v1",
+            "puzzlefs verify --digest HEX --json oci:v1",
+            "puzzlefs verify oci",
+        ],
         cmd_verify,
     )
-    v.add_argument("image", metavar="OCI_DIR:TAG")
+    v.add_argument("image", metavar="OCI_DIR[:TAG]")
     v.add_argument(
         "-d", "--digest", metavar="HEX", help="also check the fs-verity chain from this digest"
     )
