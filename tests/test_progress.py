@@ -76,3 +76,17 @@ def test_a_terminal_sees_the_share_done(tmp_path: Path) -> None:
     os.close(main)
     text = seen.decode(errors="replace")
     assert "extracting:" in text and "% " in text and "MB of 125.8 MB" in text
+
+
+def test_du_counts_tags_of_all(tmp_path: Path) -> None:
+    from puzzlefs import build
+    from puzzlefs.reader.usage import usage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(1000))
+    for tag in ("a", "b", "c"):
+        build(src, tmp_path / "oci", tag)
+    p = Progress("measuring", stream=Tty())
+    usage(tmp_path / "oci", progress=p)
+    assert p.line().startswith("measuring: 100% 3 tags of 3 tags, 6 entries")

@@ -212,7 +212,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_du(args: argparse.Namespace) -> int:
     from puzzlefs.reader.usage import usage
 
-    result = usage(args.oci_dir, args.tags or None)
+    progress = Progress("measuring")
+    try:
+        result = usage(args.oci_dir, args.tags or None, progress=progress)
+    finally:
+        progress.done()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0

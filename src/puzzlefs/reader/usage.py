@@ -17,6 +17,7 @@ from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError
 from puzzlefs.format import Kind
 from puzzlefs.oci import ImageLayout
+from puzzlefs.progress import Progress
 from puzzlefs.reader._image import Image
 from puzzlefs.reader.verify import Problem, image_blobs
 
@@ -129,7 +130,7 @@ def _fits_ustar(name: bytes) -> bool:
     return any(i <= 155 and len(name) - i - 1 <= 100 for i, c in enumerate(name) if c == ord("/"))
 
 
-def _tar_size(image: Image) -> tuple[int, int, int]:
+def _tar_size(image: Image, progress: Progress | None = None) -> tuple[int, int, int]:
     """(tar bytes, regular files, logical bytes) of the visible tree, as
     ``tar --format=posix --xattrs -C TREE -cf - .`` writes it."""
     total = 0
@@ -137,6 +138,8 @@ def _tar_size(image: Image) -> tuple[int, int, int]:
     logical = 0
     seen: set[int] = set()
     for path, inode in image.walk():
+        if progress is not None:
+            progress.add("entries")
         name = b"./" + path + (b"/" if inode.kind is Kind.DIR and path else b"")
         records = 0
         if not _fits_ustar(name):
@@ -159,10 +162,18 @@ def _tar_size(image: Image) -> tuple[int, int, int]:
     return (total + RECORD - 1) // RECORD * RECORD, files, logical
 
 
-def usage(oci_dir: str | Path, tags: list[str] | None = None) -> StoreUsage:
+def usage(
+    oci_dir: str | Path, tags: list[str] | None = None, *, progress: Progress | None = None
+) -> StoreUsage:
+    """What each tag stores and shares. ``progress`` counts the tags done (of all) and
+    the entries walked (only when it is shown: a call per entry)."""
     layout = ImageLayout(oci_dir)
     names = tags or sorted(layout.tags())
     results = []
+    if progress is not None:
+        progress.expect("tags", len(names))
+        progress.add("tags", 0)
+    walked = progress if progress is not None and progress.enabled else None
     for tag in names:
         problems: list[Problem] = []
         _, blobs = image_blobs(layout, tag, problems)
@@ -178,8 +189,10 @@ def usage(oci_dir: str | Path, tags: list[str] | None = None) -> StoreUsage:
             else:
                 t.metadata += size
         t.stored = sum(t.blobs.values())
-        t.tar, t.files, t.logical = _tar_size(Image(layout, tag))
+        t.tar, t.files, t.logical = _tar_size(Image(layout, tag), walked)
         results.append(t)
+        if progress is not None:
+            progress.add("tags")
     union: dict[Digest, int] = {}
     metadata: set[Digest] = set()
     for t in results:
