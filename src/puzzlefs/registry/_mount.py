@@ -169,6 +169,7 @@ def mount_remote(
         threads=threads,
         layout=lazy,
         on_live=started,
+        serial_reads=False,
     )
 
 
