@@ -161,31 +161,28 @@ class AtomicDir:
         """Write ``data`` as ``name``. ``keep_existing`` is for content-addressed
         names: a file already there (stored by a racing writer) is kept and False
         returned. Returns True when this call gave ``name`` its file."""
-        dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fd, tmp = self._open(dir_fd, name, mode)
-            try:
-                _write_all(fd, data)
-                return self._commit(dir_fd, fd, tmp, name, keep_existing, durable, mode)
-            except BaseException:
-                self._discard(dir_fd, tmp)
-                raise
-            finally:
-                os.close(fd)
-        finally:
-            os.close(dir_fd)
+        with self._new_file(name, mode) as (dir_fd, fd, tmp):
+            _write_all(fd, data)
+            return self._commit(dir_fd, fd, tmp, name, keep_existing, durable, mode)
 
     @contextlib.contextmanager
     def create(self, name: str, *, durable: bool = True, mode: int = 0o644) -> Iterator[BinaryIO]:
         """A file object whose contents replace ``name`` when the block ends without
         an exception (and are thrown away when it raises)."""
+        with self._new_file(name, mode) as (dir_fd, fd, tmp):
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                yield f
+            self._commit(dir_fd, fd, tmp, name, False, durable, mode)
+
+    @contextlib.contextmanager
+    def _new_file(self, name: str, mode: int) -> Iterator[tuple[int, int, str | None]]:
+        """``(directory fd, file fd, temporary name)`` of a new file for ``name``; the
+        file is thrown away if the block raises (before or in its commit)."""
         dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fd, tmp = self._open(dir_fd, name, mode)
             try:
-                with os.fdopen(fd, "wb", closefd=False) as f:
-                    yield f
-                self._commit(dir_fd, fd, tmp, name, False, durable, mode)
+                yield dir_fd, fd, tmp
             except BaseException:
                 self._discard(dir_fd, tmp)
                 raise
