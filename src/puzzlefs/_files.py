@@ -122,6 +122,16 @@ def read_regular(
         os.close(fd)
 
 
+def user_cache_dir(name: str, override: str) -> Path:
+    """Our cache directory ``name``: ``$<override>`` if set, else
+    ``$XDG_CACHE_HOME/puzzlefs/<name>``, else ``~/.cache/puzzlefs/<name>``."""
+    env = os.environ.get(override)
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "puzzlefs" / name
+
+
 # -- writing -------------------------------------------------------------------------
 
 # O_TMPFILE unsupported by the filesystem (EOPNOTSUPP, EISDIR on old kernels, EINVAL),

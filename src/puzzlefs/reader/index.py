@@ -27,6 +27,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from puzzlefs._files import user_cache_dir
 from puzzlefs.errors import (
     BlobNotFound,
     ImageError,
@@ -45,11 +46,7 @@ CACHE_BYTES = 2 << 30  # indexes beyond this many bytes: the least recently used
 
 
 def index_dir() -> Path:
-    env = os.environ.get("PUZZLEFS_INDEX_DIR")
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "puzzlefs" / "index"
+    return user_cache_dir("index", "PUZZLEFS_INDEX_DIR")
 
 
 def _path(directory: Path, key_hex: str) -> Path:

@@ -11,17 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from puzzlefs._files import user_cache_dir
 from puzzlefs.registry._reference import RemoteRef
 
 __all__ = ["cache_root", "cache_dir"]
 
 
 def cache_root() -> Path:
-    env = os.environ.get("PUZZLEFS_REGISTRY_CACHE")
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "puzzlefs" / "registry"
+    return user_cache_dir("registry", "PUZZLEFS_REGISTRY_CACHE")
 
 
 def cache_dir(ref: RemoteRef, root: str | os.PathLike[str] | None = None) -> Path:
