@@ -99,12 +99,13 @@ class ImageFS:
     def connected(self, conn: Connection) -> None:
         if self.on_live is not None:
             self.on_live(conn)
-        if self._data is None:
-            # Made now, beside the first requests, rather than by the first read: its
-            # imports alone, on a cold page cache, held that read up for 50 ms.
-            threading.Thread(target=self._prepare, name="puzzlefs-prepare", daemon=True).start()
+        threading.Thread(target=self._prepare, name="puzzlefs-prepare", daemon=True).start()
 
     def _prepare(self) -> None:
+        """Beside the first requests: the index read ahead, and the chunk reader made
+        (by the first read, its imports alone held that read up for 50 ms on a cold
+        page cache)."""
+        self.tables.prefetch()
         try:
             self.data  # noqa: B018  # made and kept
         except Exception as e:  # the first read meets it again, and says so

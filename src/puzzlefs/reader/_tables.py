@@ -37,6 +37,7 @@ entry (no loops, no second parents). Everything hidden is counted in ``problems`
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import mmap
 import os
@@ -280,6 +281,14 @@ class Tables:
     def blobs(self) -> Iterator[tuple[bytes, bytes | None]]:
         for i in range(self.blob_count):
             yield self.blob(i)
+
+    def prefetch(self) -> None:
+        """Have the kernel read the whole index file in the background (a mapped one):
+        a cold walk of the tree then finds its pages in memory instead of faulting
+        them in one random read at a time."""
+        if isinstance(self._buf, mmap.mmap):
+            with contextlib.suppress(OSError, ValueError):  # a hint; closed meanwhile
+                self._buf.madvise(mmap.MADV_WILLNEED)
 
     def close(self) -> None:
         self._strings.release()
