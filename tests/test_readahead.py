@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from pathlib import Path
+
+import pytest
 
 from puzzlefs.reader._readahead import NEAR, Readahead
 
@@ -52,3 +56,31 @@ def test_unknown_blobs_and_a_disabled_readahead_do_nothing() -> None:
     ra.enable()
     assert not ra.accessed(b"\0" * 32)
     assert queued == []
+
+
+def test_without_a_helper_hints_stop_and_loading_ahead_goes_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import subprocess
+
+    def no_helper(*args: object, **kwargs: object) -> None:
+        raise OSError("no helper here")
+
+    monkeypatch.setattr(subprocess, "Popen", no_helper)
+    stream = digests(100)
+    queued: list[bytes] = []
+    ra = Readahead(str(tmp_path), stream, prefetch=lambda keys: queued.extend(d for d, _ in keys))
+    ra.enable()
+    for d in stream[:10]:
+        ra.accessed(d)
+    deadline = time.monotonic() + 10
+    while ra._directory is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ra._directory is None  # the sender gave up on kernel hints
+    assert ra._outbox is not None
+    left = ra._outbox.qsize()  # what was handed over before it did
+    before = len(queued)
+    for d in stream[10:]:
+        assert ra.accessed(d)
+    assert len(queued) > before  # and the loaders still get the next blobs
+    assert ra._outbox.qsize() == left  # no hint is queued for nobody any longer

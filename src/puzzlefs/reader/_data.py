@@ -149,9 +149,13 @@ class ChunkReader:
         """Blobs a reader will read next, after one it reads now: the loaders load
         those not cached meanwhile, so that a cold read of several chunks waits for
         the disk once, not once per chunk."""
-        todo = [k for k in keys if k not in self._loading and self._blobs.get(k) is None]
+        todo = [k for k in keys if self._unloaded(k)]
         if todo:
             self._prefetch(todo)
+
+    def _unloaded(self, key: _Key) -> bool:
+        """Neither cached nor being loaded by anyone."""
+        return key not in self._loading and self._blobs.get(key) is None
 
     def _prefetch(self, keys: list[_Key]) -> None:
         """Have the loaders load these blobs ahead of a sequential reader."""
@@ -173,7 +177,7 @@ class ChunkReader:
     def _loader(self, work: queue.SimpleQueue[_Key]) -> None:
         while True:
             key = work.get()
-            if key in self._loading or self._blobs.get(key) is not None:
+            if not self._unloaded(key):
                 continue
             try:
                 self._load(key, whole=True, wait=False)

@@ -160,10 +160,13 @@ class Readahead:
                     os.write(pipe, lines[:cut])
                 except BlockingIOError:
                     break  # the helper is behind: these hints are dropped
-                except OSError:  # the helper is gone: no more readahead
-                    self._enabled = False
-                    return
+                except OSError:  # the helper is gone
+                    pipe = None
+                    break
                 lines = lines[cut:]
+        # No helper (it could not start, or it died): no more kernel hints, so that
+        # nothing is queued for this thread any longer; loading ahead goes on.
+        self._directory = None
 
     def _start_helper(self) -> int | None:
         """The helper's pipe (None if it cannot start: no kernel hints then)."""
