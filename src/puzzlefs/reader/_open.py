@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 
+from puzzlefs._files import check_size, open_regular
 from puzzlefs.errors import BlobNotFound, DigestMismatch, ImageError, UnsafeFile, VerityMismatch
 from puzzlefs.oci import ANNOTATION_VERITY_ROOT, Descriptor, ImageLayout
 from puzzlefs.oci.layout import MAX_ROOTFS_BLOB
@@ -62,24 +62,15 @@ class OpenedImage:
         """What :meth:`rootfs_bytes` checks, streamed from the file: for a reader that
         needs the rootfs intact but not its bytes (a mount whose index exists)."""
         desc = self.rootfs_descriptor
-        path = self.layout.blobs.path(desc.digest)
         what = f"rootfs blob {desc.digest.hex}"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:  # the same checks as every blob read (rootfs_bytes), on the descriptor
+            fd, size = open_regular(self.layout.blobs.path(desc.digest), what)
         except FileNotFoundError:
             raise BlobNotFound(f"{what} is missing") from None
         except OSError as e:
             raise ImageError(f"{what}: {e.strerror}") from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeFile(f"{what} is not a regular file")
-            if desc.size > MAX_ROOTFS_BLOB:
-                raise ImageError(f"{what} is implausibly large ({desc.size} bytes)")
-            if st.st_size != desc.size:
-                raise ImageError(
-                    f"rootfs blob size {st.st_size} does not match manifest ({desc.size})"
-                )
+            check_size(what, size, desc.size, MAX_ROOTFS_BLOB)
             with os.fdopen(os.dup(fd), "rb") as f:
                 actual = hashlib.file_digest(f, "sha256").hexdigest()
             if actual != desc.digest.hex:
