@@ -264,3 +264,112 @@ def test_fields_out_of_range_are_metadata_errors(
         found = reader.find(inode.ino, index, lazy=True)
         assert found is not None
         list(found.chunks)
+
+
+# -- manifests: the whole-list check and the one-by-one parse agree ------------------
+
+_HEX64 = st.text("0123456789abcdef", min_size=64, max_size=64)
+_DIGEST_TEXT = st.one_of(
+    _HEX64.map(lambda h: "sha256:" + h),  # valid
+    _HEX64.map(lambda h: "sha256:" + h.upper()),
+    _HEX64.map(lambda h: "sha512:" + h),
+    _HEX64.map(lambda h: "sha256:" + h[:-2] + " " + h[-1]),  # fromhex would skip the space
+    _HEX64.map(lambda h: "sha256:" + h[:30] + "sha256:" + h[37:]),
+    _HEX64.map(lambda h: "sha256:" + h[:63]),
+    st.text(max_size=80),
+    st.integers(),
+    st.none(),
+)
+_JSON_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**70), st.text(max_size=5))
+_MEDIA_TYPES = st.sampled_from(
+    [
+        "application/vnd.puzzlefs.image.filedata.v1",
+        "application/vnd.puzzlefs.image.filedata.v1+zstd",
+        "application/vnd.puzzlefs.image.rootfs.v1",
+        "b",
+    ]
+)
+_GOOD_LAYER = st.fixed_dictionaries(  # what a writer writes: the whole-list check's case
+    {
+        "mediaType": _MEDIA_TYPES,
+        "digest": _HEX64.map(lambda h: "sha256:" + h),
+        "size": st.integers(0, 2**40),
+    },
+    optional={
+        "annotations": st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+        "platform": st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+        "data": st.text(max_size=4),
+    },
+)
+_ANY_LAYER = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "mediaType": st.one_of(_MEDIA_TYPES, _JSON_VALUE),
+            "digest": _DIGEST_TEXT,
+            "size": st.one_of(st.integers(0, 2**40), _JSON_VALUE),
+        },
+        optional={
+            "annotations": st.one_of(
+                st.dictionaries(st.text(max_size=4), st.one_of(st.text(max_size=4), _JSON_VALUE))
+            ),
+            "platform": st.one_of(
+                st.dictionaries(st.text(max_size=3), st.text(max_size=3)), _JSON_VALUE
+            ),
+            "data": _JSON_VALUE,
+            "urls": st.lists(st.text(max_size=3), max_size=2),
+        },
+    ),
+    _JSON_VALUE,
+    st.lists(st.integers(), max_size=2),
+)
+_LAYERS = st.one_of(
+    st.lists(_GOOD_LAYER, max_size=6),
+    st.lists(st.one_of(_GOOD_LAYER, _GOOD_LAYER, _GOOD_LAYER, _ANY_LAYER), max_size=6),
+)
+
+
+@given(st.lists(_DIGEST_TEXT, max_size=6))
+@settings(max_examples=400, deadline=None)
+def test_all_valid_digests_is_parse_of_each(texts: list[object]) -> None:
+    from puzzlefs.digest import Digest
+    from puzzlefs.errors import InvalidDigest
+
+    def parses(t: object) -> bool:
+        try:
+            Digest.parse(t)  # type: ignore[arg-type]
+        except (InvalidDigest, AttributeError, TypeError):
+            return False
+        return True
+
+    assert Digest.all_valid(texts) == all(parses(t) for t in texts)
+    if Digest.all_valid(texts):
+        assert [Digest.raw_of(t) for t in texts] == [Digest.parse(t).raw for t in texts]  # type: ignore[arg-type]
+
+
+@given(_LAYERS)
+@settings(max_examples=400, deadline=None)
+def test_manifest_layers_checked_whole_or_one_by_one_alike(layers: list[object]) -> None:
+    """Manifest.from_bytes takes the whole-list check's word only where every layer
+    parses alone; the layers it makes later equal the ones parsed one by one, and a
+    refusal is the one-by-one parse's (naming the layer)."""
+    import json
+
+    from puzzlefs.errors import ImageError
+    from puzzlefs.oci import EMPTY_CONFIG, Descriptor, Manifest
+
+    doc = {"schemaVersion": 2, "config": EMPTY_CONFIG.to_json(), "layers": layers}
+    try:
+        expected = [Descriptor.from_json(d, f"manifest layer {i}") for i, d in enumerate(layers)]
+    except ImageError as e:
+        with pytest.raises(ImageError) as raised:
+            Manifest.from_bytes(json.dumps(doc).encode())
+        assert str(raised.value) == str(e)
+        return
+    m = Manifest.from_bytes(json.dumps(doc).encode())
+    chunk_blobs = m.chunk_blobs()  # before the layers are made
+    rootfs = [d for d in expected if d.media_type == "application/vnd.puzzlefs.image.rootfs.v1"]
+    if len(rootfs) == 1:
+        assert m.rootfs == rootfs[0]
+    assert m.layers == expected
+    assert chunk_blobs == m.chunk_blobs()
+    assert m == Manifest(EMPTY_CONFIG, expected)

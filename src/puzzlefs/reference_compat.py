@@ -29,7 +29,7 @@ from puzzlefs.compression import (
     compress_seekable_checksummed,
 )
 from puzzlefs.errors import ImageError
-from puzzlefs.oci import MEDIA_TYPE_CHUNK_ZSTD, Descriptor
+from puzzlefs.oci import MEDIA_TYPE_CHUNK_ZSTD
 from puzzlefs.verity import fsverity_digest
 
 __all__ = ["WHITEOUT_YIELDS", "compressed_chunk_size_ok", "is_zstd_image", "raw_chunk_verity_ok"]
@@ -39,10 +39,10 @@ WHITEOUT_YIELDS = True
 (format.RootfsReader.find and the mount's tables follow this)."""
 
 
-def is_zstd_image(chunk_layers: Iterable[Descriptor]) -> bool:
-    """Whether a manifest's chunk layers say the image was built with compression."""
-    media_types = {d.media_type for d in chunk_layers}
-    return media_types == {MEDIA_TYPE_CHUNK_ZSTD}
+def is_zstd_image(media_types: Iterable[str]) -> bool:
+    """Whether the media types of a manifest's chunk layers say the image was built
+    with compression."""
+    return set(media_types) == {MEDIA_TYPE_CHUNK_ZSTD}
 
 
 def raw_chunk_verity_ok(

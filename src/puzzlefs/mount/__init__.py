@@ -112,7 +112,7 @@ def mount(
     ``serial_reads``: serve one READ at a time (right where data comes from a local
     disk, wrong where a read may wait for a network).
     """
-    from puzzlefs.mount import daemon, logs, overlay
+    from puzzlefs.mount import daemon, logs
 
     notify = daemon.InitPipe(init_pipe)
     layer: overlay.Overlay | None = None
@@ -131,6 +131,8 @@ def mount(
         handler = logs.log_handler(log_file, foreground)
         flags = opts.flags
         if writable or persist is not None:
+            from puzzlefs.mount import overlay  # shutil and more: for a writable mount only
+
             layer = overlay.prepare(persist)
             flags = dataclasses.replace(opts.flags, nosuid=False, nodev=False, noexec=False)
         image_at = target if layer is None else str(layer.lower)
@@ -202,7 +204,6 @@ def _filesystem(
 
     def data() -> ChunkReader:
         from puzzlefs.reader._data import ChunkReader
-        from puzzlefs.reference_compat import is_zstd_image
 
         verity = {digest: v for digest, v in tables.blobs() if v is not None}
         reader = ChunkReader(
@@ -210,7 +211,7 @@ def _filesystem(
             verity.get,
             verify_verity=image.verify_verity,
             stream=image.chunk_stream,
-            zstd_image=is_zstd_image(image.manifest.chunk_layers),
+            zstd_image=image.zstd_image,
         )
         reader.enable_readahead()
         return reader

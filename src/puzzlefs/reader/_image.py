@@ -21,7 +21,6 @@ from puzzlefs.oci import ImageLayout, Manifest
 from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._data import ChunkReader
 from puzzlefs.reader._open import OpenedImage
-from puzzlefs.reference_compat import is_zstd_image
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class Image:
             self._verity.get,
             verify_verity=self.opened.verify_verity,
             stream=self.opened.chunk_stream,
-            zstd_image=is_zstd_image(self.manifest.chunk_layers),
+            zstd_image=self.opened.zstd_image,
         )
         self._walk_lock = threading.Lock()
 

@@ -102,9 +102,16 @@ class OpenedImage:
 
     def stored_chunk_bytes(self) -> int:
         """What the image's chunk blobs take in the store (for statfs)."""
-        return sum({d.digest: d.size for d in self.manifest.chunk_layers}.values())
+        return sum({raw: size for raw, size, _ in self.manifest.chunk_blobs()}.values())
 
     @property
     def chunk_stream(self) -> list[bytes]:
         """The chunk blobs in the manifest's (stream) order, for readahead."""
-        return [d.digest.raw for d in self.manifest.chunk_layers]
+        return [raw for raw, _, _ in self.manifest.chunk_blobs()]
+
+    @property
+    def zstd_image(self) -> bool:
+        """Whether the manifest's chunk layers say the image was built with compression."""
+        from puzzlefs.reference_compat import is_zstd_image  # zstandard: not for a mount's start
+
+        return is_zstd_image(t for _, _, t in self.manifest.chunk_blobs())

@@ -171,7 +171,7 @@ def image_blobs(
                 "chunk",
                 sizes.get(digest),
                 expected.hex() if expected else None,
-                is_zstd_image(manifest.chunk_layers),
+                is_zstd_image(d.media_type for d in manifest.chunk_layers),
             )
         )
         if uses is not None:
