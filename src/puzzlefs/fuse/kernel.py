@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-import shutil
 from dataclasses import dataclass, field
 
 from puzzlefs.errors import MountError
@@ -22,7 +20,7 @@ MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MNT_DETACH = 2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
@@ -124,7 +122,7 @@ def _mount_with_fusermount(target: str, flags: MountFlags) -> int:
     import socket  # only here: a root mount needs neither
     import subprocess
 
-    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    fusermount = _fusermount()
     if fusermount is None:
         raise MountError("mounting as a user needs fusermount3 (Debian: apt install fuse3)")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -162,7 +160,7 @@ def unmount(target: str, *, lazy: bool = False) -> None:
         return
     import subprocess
 
-    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    fusermount = _fusermount()
     if fusermount is None:
         raise MountError("fusermount3 not found (Debian: apt install fuse3)")
     cmd = [fusermount, "-u", *(["-z"] if lazy else []), "--", target]
@@ -170,3 +168,9 @@ def unmount(target: str, *, lazy: bool = False) -> None:
     if done.returncode != 0:
         said = " ".join(done.stderr.split()) or f"{fusermount} failed"
         raise MountError(f"cannot unmount {target}: {said.removeprefix(fusermount + ': ')}")
+
+
+def _fusermount() -> str | None:
+    import shutil  # bz2, lzma and more: not for a mount as root
+
+    return shutil.which("fusermount3") or shutil.which("fusermount")

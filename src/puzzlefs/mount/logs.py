@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import sys
+import syslog
 from collections.abc import Iterable
 
 from puzzlefs.errors import MountError
@@ -29,12 +30,9 @@ def log_handler(log_file: str | None, foreground: bool) -> logging.Handler | Non
         return h
     if foreground:
         return None
-    from logging.handlers import SysLogHandler  # pickle, socket and more: syslog only
-
     try:
         if not stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
             raise OSError(errno.ENOTSOCK, "not a socket")
-        sh = SysLogHandler(SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
     except OSError:
         print(
             f"warning: no syslog at {SYSLOG_SOCKET}: the mount daemon's messages are "
@@ -42,9 +40,41 @@ def log_handler(log_file: str | None, foreground: bool) -> logging.Handler | Non
             file=sys.stderr,
         )
         return None
-    sh.ident = "puzzlefs: "
+    sh = SyslogHandler()
     sh.setFormatter(logging.Formatter(_FORMAT))
     return sh
+
+
+class SyslogHandler(logging.Handler):
+    """To syslog through the C library (the ``syslog`` module, not logging.handlers,
+    which imports socket, pickle and more into every mount's start): facility daemon,
+    tagged ``puzzlefs[PID]``, the connection opened by the first message, in the
+    process that logs (the daemon, after the fork)."""
+
+    _PRIORITIES = (
+        (logging.CRITICAL, syslog.LOG_CRIT),
+        (logging.ERROR, syslog.LOG_ERR),
+        (logging.WARNING, syslog.LOG_WARNING),
+        (logging.INFO, syslog.LOG_INFO),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._opened_in: int | None = None  # the pid that called openlog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if self._opened_in != os.getpid():
+                syslog.openlog("puzzlefs", syslog.LOG_PID, syslog.LOG_DAEMON)
+                self._opened_in = os.getpid()
+            syslog.syslog(self.priority(record.levelno), message)
+        except Exception:
+            self.handleError(record)
+
+    @classmethod
+    def priority(cls, level: int) -> int:
+        return next((p for at, p in cls._PRIORITIES if level >= at), syslog.LOG_DEBUG)
 
 
 def stderr_handler() -> logging.Handler:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from puzzlefs.mount.options import split_options
 __all__ = ["Overlay", "is_puzzlefs_overlay", "mount_overlay", "prepare", "teardown"]
 
 RECORD = "puzzlefs-overlay.json"
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 
 
