@@ -57,7 +57,7 @@ class Fetcher:
         registry: Registry,
         repo: str,
         store: DiskBlobStore,
-        chunks: list[Descriptor],
+        chunks: list[tuple[bytes, int, str]],
         *,
         workers: int = 8,
         readahead: bool = True,
@@ -68,11 +68,12 @@ class Fetcher:
         self._stream: list[Digest] = []
         self._pos: dict[Digest, int] = {}
         self._sizes: dict[Digest, int] = {}
-        for d in chunks:
-            if d.digest not in self._pos:
-                self._pos[d.digest] = len(self._stream)
-                self._stream.append(d.digest)
-                self._sizes[d.digest] = d.size
+        for raw, size, _ in chunks:  # Manifest.chunk_blobs()
+            digest = Digest.from_raw(raw)
+            if digest not in self._pos:
+                self._pos[digest] = len(self._stream)
+                self._stream.append(digest)
+                self._sizes[digest] = size
         self._workers = workers
         self._readahead = readahead
         self._lock = threading.Lock()

@@ -142,7 +142,7 @@ def mount_remote(
     finally:
         registry.close()  # the daemon makes its own connections
     fetcher = Fetcher(
-        registry, ref.repo, prepared.layout.blobs, prepared.manifest.chunk_layers,
+        registry, ref.repo, prepared.layout.blobs, prepared.manifest.chunk_blobs(),
         workers=workers,
     )  # fmt: skip
     lazy = LazyLayout(prepared.layout.path, prepared.tag, prepared.root, fetcher)
