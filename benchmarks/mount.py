@@ -14,8 +14,8 @@ for MB/s, where above 1 is faster).
 Tests (``--only``, comma-separated; default all):
 
   mount     mount command, start to return, cold; puzzlefs also on its first mount (a
-            never-mounted copy of the image; ``--index-reset CMD`` runs before each,
-            for an index kept elsewhere than beside the image)     synthetic trees
+            never-mounted copy of the image, its index built in an empty directory
+            of its own each time)                                  synthetic trees
   find      find . | wc -l                                         synthetic trees
   stat      lstat() of every path, by benchmarks/probe.c          synthetic trees
   ls        ls -l of the 3,000-entry directory                     synthetic trees
@@ -310,9 +310,7 @@ class Bench:
         plain, digest = im.oci(compressed=False)
         out = []
         if test == "mount":
-            out.append(
-                peers.first_mount_server(FIRST, self.puzzlefs, im.pristine(), self.args.index_reset)
-            )
+            out.append(peers.first_mount_server(FIRST, self.puzzlefs, im.pristine()))
         out.append(peers.puzzlefs_server("puzzlefs", self.puzzlefs, plain))
         if test in ("tar", "seq", "random", *CONTAINER_TESTS):
             zstd, _ = im.oci(compressed=True)
@@ -746,7 +744,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--rebuild", action="store_true", help="build the puzzlefs images again (new build code)"
     )
-    ap.add_argument("--index-reset", help="shell command run before each first mount")
     ap.add_argument("--data-tree", default="/usr/lib/x86_64-linux-gnu")
     ap.add_argument("--debian-rootfs", help="a minbase tree (default: make_dataset.sh's)")
     ap.add_argument("--seed", type=int, default=1, help="of the synthetic trees")

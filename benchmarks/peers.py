@@ -254,22 +254,29 @@ def puzzlefs_server(name: str, puzzlefs: list[str], ref: str, *extra: str) -> Se
     )
 
 
-def first_mount_server(
-    name: str, puzzlefs: list[str], pristine: Path, reset_cmd: str | None
-) -> Server:
+def first_mount_server(name: str, puzzlefs: list[str], pristine: Path) -> Server:
     """``puzzlefs mount`` of a new hard-linked copy of a never-mounted image each time
-    (its first mount), after ``reset_cmd`` if given."""
+    (its first mount). Its index goes to a directory of
+    its own, emptied each time: the copy has the image's rootfs, so an index it built
+    where the other mounts keep theirs would replace the one they have checked, and
+    send each of them through the full check of a changed index."""
     copy = pristine.with_name("oci-first-mount")
+    index = pristine.with_name("index-first-mount")
 
     def prepare() -> None:
         shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(index, ignore_errors=True)
         sh(["cp", "-al", str(pristine), str(copy)])
-        if reset_cmd:
-            sh(["sh", "-c", reset_cmd])
 
-    server = puzzlefs_server(name, puzzlefs, f"{copy}:{TAG}")
+    def finish() -> None:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(index, ignore_errors=True)
+
+    server = puzzlefs_server(
+        name, ["env", f"PUZZLEFS_INDEX_DIR={index}", *puzzlefs], f"{copy}:{TAG}"
+    )
     server.prepare = prepare
-    server.finish = lambda: shutil.rmtree(copy, ignore_errors=True)
+    server.finish = finish
     return server
 
 
