@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -30,6 +31,7 @@ REGISTRY = shutil.which("docker-registry")
 START_TIMEOUT = 30.0
 LOCAL_ENV = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
 USER, PASSWORD = "puzzle", "s3cret:with:colons"
+REFRESH_TOKEN = "refresh-3f1c"  # the identity token TokenServer trades (OAuth2 POST)
 SERVICE, ISSUER = "puzzlefs-test-registry", "puzzlefs-test-issuer"
 
 
@@ -172,8 +174,10 @@ def write_auth_file(path: Path, host: str, user: str = USER, password: str = PAS
 
 class TokenServer:
     """A token service for the registry's ``auth: token``: GET /token with Basic
-    credentials gives a JWT (RS256, its certificate in the x5c header) granting the
-    actions asked for; wrong or missing credentials get 401. Counts what it issued."""
+    credentials, or POST /token with the OAuth2 refresh-token grant of
+    :data:`REFRESH_TOKEN` (an identity token), gives a JWT (RS256, its certificate in
+    the x5c header) granting the actions asked for; wrong or missing credentials get
+    401. Counts what it issued."""
 
     def __init__(self, tmp: Path) -> None:
         from cryptography import x509
@@ -200,6 +204,7 @@ class TokenServer:
         self.x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
         self.issued: list[str] = []  # the scopes of each token issued
         self.refused = 0
+        self.refreshed = 0  # tokens issued for the refresh token
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -214,7 +219,27 @@ class TokenServer:
                     self.end_headers()
                     return
                 scopes = query.get("scope", [])
-                body = json.dumps({"token": server.jwt(scopes), "expires_in": 300}).encode()
+                self._issue("token", scopes)
+
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(size).decode())
+                if (
+                    urllib.parse.urlparse(self.path).path != "/token"
+                    or form.get("grant_type") != ["refresh_token"]
+                    or form.get("refresh_token") != [REFRESH_TOKEN]
+                    or not form.get("client_id")
+                ):
+                    server.refused += 1
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                server.refreshed += 1
+                self._issue("access_token", form.get("scope", [""])[0].split())
+
+            def _issue(self, field: str, scopes: list[str]) -> None:
+                body = json.dumps({field: server.jwt(scopes), "expires_in": 300}).encode()
                 server.issued.append(" ".join(scopes))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -270,3 +295,27 @@ def run_registry(tmp: Path, **kw: Any) -> Iterator[RegistryServer]:
         yield reg
     finally:
         reg.stop()
+
+
+def write_credential_helper(bin_dir: Path, name: str, secrets: dict[str, tuple[str, str]]) -> Path:
+    """``docker-credential-NAME``, a helper speaking docker's protocol (``get``: the
+    server on stdin, ``{"Username", "Secret"}`` on stdout; exit 1 with docker's words
+    when it has none). Each server it was asked for is appended to ``asked`` beside it."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    helper = bin_dir / f"docker-credential-{name}"
+    asked = bin_dir / f"{name}.asked"
+    helper.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"secrets = {secrets!r}\n"
+        "assert sys.argv[1:] == ['get'], sys.argv\n"
+        "server = sys.stdin.read().strip()\n"
+        f"open({str(asked)!r}, 'a').write(server + '\\n')\n"
+        "if server not in secrets:\n"
+        "    print('credentials not found in native keychain')\n"
+        "    sys.exit(1)\n"
+        "user, secret = secrets[server]\n"
+        "print(json.dumps({'ServerURL': server, 'Username': user, 'Secret': secret}))\n"
+    )
+    helper.chmod(0o755)
+    return asked

@@ -811,6 +811,8 @@ def test_member_times_are_kept_to_the_nanosecond(tmp_path: Path) -> None:
         "d/old": -1_250_000_000,
         "plain": 0,
     }
+
+
 def _sparse_member(name: str, realsize: int, runs: list[tuple[int, bytes]]) -> bytes:
     """A tar with one GNU sparse member (PAX format 1.0, what GNU tar --sparse writes):
     the map in the first data block, then the data runs."""

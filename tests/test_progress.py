@@ -54,9 +54,12 @@ def test_a_terminal_sees_the_share_done(tmp_path: Path) -> None:
     src.mkdir()
     for i in range(4):
         (src / f"f{i}").write_bytes(os.urandom(30 << 20))
-    assert subprocess.run(
-        [sys.executable, "-m", "puzzlefs", "build", str(src), f"{tmp_path}/oci:t"]
-    ).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "puzzlefs", "build", str(src), f"{tmp_path}/oci:t"]
+        ).returncode
+        == 0
+    )
     main, child = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "puzzlefs", "extract", f"{tmp_path}/oci:t", str(tmp_path / "x")],

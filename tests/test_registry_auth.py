@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,38 @@ def test_credentials_in_podmans_order(tmp_path: Path, monkeypatch: pytest.Monkey
         find_credentials("h:5000", tmp_path / "bad.json")
     with pytest.raises(RegistryAuthError, match="does not exist"):
         find_credentials("h:5000", tmp_path / "missing.json")
+
+
+def _helper(bin_dir: Path, name: str, script: str) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / f"docker-credential-{name}"
+    path.write_text(f"#!{sys.executable}\nimport sys\n{script}\n")
+    path.chmod(0o755)
+
+
+def test_credential_helpers_that_fail_say_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    _helper(
+        tmp_path / "bin", "locked", "print('the keyring is locked', file=sys.stderr); sys.exit(3)"
+    )
+    _helper(tmp_path / "bin", "junk", "print('{not json')")
+    _helper(
+        tmp_path / "bin",
+        "hub",
+        'print(\'{"Username": "u", "Secret": "\' + sys.stdin.read() + \'"}\')',
+    )
+    conf = tmp_path / "config.json"
+    for store, match in (("locked", "failed: the keyring is locked"),
+                         ("junk", "no Username and Secret"),
+                         ("../x", "not on PATH")):  # fmt: skip
+        conf.write_text(json.dumps({"credsStore": store}))
+        with pytest.raises(RegistryAuthError, match=match):
+            find_credentials("h:5000", conf)
+    # a store is asked for the registry as the auths key names it (Docker Hub's URL)
+    hub = "https://index.docker.io/v1/"
+    conf.write_text(json.dumps({"credsStore": "hub", "auths": {hub: {}}}))
+    creds = find_credentials("index.docker.io", conf)
+    assert creds is not None and (creds.username, creds.password) == ("u", hub)
+    assert creds.source == "credential helper docker-credential-hub"

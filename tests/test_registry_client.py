@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from registryutil import (
     PASSWORD,
+    REFRESH_TOKEN,
     REGISTRY,
     USER,
     RegistryServer,
@@ -27,6 +28,7 @@ from registryutil import (
     run_registry,
     self_signed,
     write_auth_file,
+    write_credential_helper,
     write_htpasswd,
 )
 from treeutil import assert_same_tree
@@ -336,6 +338,25 @@ def test_basic_auth(basic_registry: RegistryServer, tmp_path: Path) -> None:
     write_auth_file(tmp_path / "mine.json", host, USER, PASSWORD)
     ok("pull", "--authfile", tmp_path / "mine.json", ref, f"{tmp_path / 'other'}:v1",
        env=empty_home)  # fmt: skip
+    # credential helpers, as docker runs them: the registry's own (credHelpers) before
+    # the file's store (credsStore), which goes before the file's auths
+    bin_dir = tmp_path / "bin"
+    asked = write_credential_helper(bin_dir, "pass", {host: (USER, PASSWORD)})
+    write_credential_helper(bin_dir, "empty", {})
+    with_path = {**empty_home, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    docker = tmp_path / "docker" / "config.json"
+    docker.write_text(json.dumps({"auths": {host: {}}, "credsStore": "pass"}))
+    ok("pull", ref, f"{tmp_path / 'helped'}:v1", env=with_path)
+    assert asked.read_text().split() == [host]
+    write_auth_file(docker, host)  # its auths hold the password...
+    conf = json.loads(docker.read_text())
+    docker.write_text(json.dumps({**conf, "credsStore": "empty"}))  # ...its store none
+    ok("pull", ref, f"{tmp_path / 'helped2'}:v1", env=with_path)
+    docker.write_text(json.dumps({"credsStore": "empty", "credHelpers": {host: "pass"}}))
+    ok("pull", ref, f"{tmp_path / 'helped3'}:v1", env=with_path)
+    docker.write_text(json.dumps({"credHelpers": {host: "desktop"}}))
+    line = fails("pull", ref, f"{tmp_path / 'x'}:v1", env=with_path)
+    assert "docker-credential-desktop, which is not on PATH" in line
 
 
 # -- Bearer tokens ---------------------------------------------------------------------------
@@ -375,6 +396,35 @@ def test_bearer_token_flow(token_registry: RegistryServer, tmp_path: Path) -> No
     line = fails(
         "pull", ref, f"{tmp_path / 'x'}:v1", env={"REGISTRY_AUTH_FILE": str(tmp_path / "bad.json")}
     )
+    assert "token service" in line and "refused" in line
+
+
+def test_identity_token_from_a_credential_helper(
+    token_registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A helper's ``<token>`` user is an identity token: traded at the token service
+    by the OAuth2 refresh-token grant (POST), never sent as a password."""
+    assert token_registry.token is not None
+    make_tree(tmp_path / "src")
+    build(tmp_path / "src", tmp_path / "oci", "v1")
+    host = token_registry.host
+    bin_dir = tmp_path / "bin"
+    write_credential_helper(bin_dir, "vault", {host: ("<token>", REFRESH_TOKEN)})
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": {host: {}}, "credsStore": "vault"}))
+    env = {"REGISTRY_AUTH_FILE": str(tmp_path / "auth.json"),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
+    ref = f"docker://{host}/tokened/image:v1"
+    ok("push", f"{tmp_path / 'oci'}:v1", ref, env=env)
+    ok("pull", ref, f"{tmp_path / 'pulled'}:v1", env=env)
+    ok("verify", f"{tmp_path / 'pulled'}:v1")
+    assert token_registry.token.refreshed >= 2 and token_registry.token.refused == 0
+    # the same token straight from the file (docker writes identitytoken there too)
+    (tmp_path / "auth.json").write_text(
+        json.dumps({"auths": {host: {"identitytoken": REFRESH_TOKEN}}})
+    )
+    ok("pull", ref, f"{tmp_path / 'again'}:v1", env=env)
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": {host: {"identitytoken": "old"}}}))
+    line = fails("pull", ref, f"{tmp_path / 'x'}:v1", env=env)
     assert "token service" in line and "refused" in line
 
 

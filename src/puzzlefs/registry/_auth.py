@@ -1,10 +1,14 @@
 """Credentials and the registries' authentication challenges.
 
-Credentials come from the files docker and podman write (``auths``: per registry, the
-base64 of ``user:password``), looked up in the order podman uses: ``--authfile`` or
-``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
+Credentials come from the files docker and podman write, looked up in the order podman
+uses: ``--authfile`` or ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
 ``~/.config/containers/auth.json``, then docker's ``$DOCKER_CONFIG/config.json`` or
-``~/.docker/config.json``. Credential helpers (``credsStore``) are not run.
+``~/.docker/config.json``. In each, as docker reads it: the registry's credential helper
+(``credHelpers``), else the file's own store (``credsStore``), each run as docker runs
+them (``docker-credential-NAME get``, the registry on stdin, JSON on stdout), else
+``auths`` (the base64 of ``user:password``, or an ``identitytoken``). An identity token
+(also what a helper gives as user ``<token>``) is an OAuth2 refresh token, traded at the
+token service for an access token.
 
 A registry that wants credentials answers 401 with ``WWW-Authenticate``: ``Basic``
 (send them on every request) or ``Bearer realm=...,service=...,scope=...`` (trade them,
@@ -18,6 +22,8 @@ import base64
 import binascii
 import json
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +32,16 @@ from puzzlefs.errors import RegistryAuthError
 __all__ = ["Challenge", "Credentials", "auth_files", "find_credentials", "parse_challenge"]
 
 
+HELPER_TIMEOUT = 60.0  # seconds a credential helper may take (it may ask the desktop)
+TOKEN_USER = "<token>"  # a helper's user name for an identity token
+
+
 @dataclass(frozen=True)
 class Credentials:
     username: str
     password: str
-    source: str  # the file they came from, for messages
+    source: str  # the file (or helper) they came from, for messages
+    identity_token: str | None = None  # an OAuth2 refresh token, for Bearer realms only
 
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -82,23 +93,87 @@ def find_credentials(
             if authfile is not None:
                 raise RegistryAuthError(f"auth file {path}: {e.strerror}") from None
             continue
-        found = _from_auths(data, host, path)
+        found = _from_file(data, host, path)
         if found is not None:
             return found
     return None
 
 
-def _from_auths(data: bytes, host: str, path: Path) -> Credentials | None:
+def _from_file(data: bytes, host: str, path: Path) -> Credentials | None:
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise RegistryAuthError(f"auth file {path} is not valid JSON") from None
-    auths = obj.get("auths") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    helpers = obj.get("credHelpers")
+    if isinstance(helpers, dict):
+        for key, name in helpers.items():
+            if isinstance(key, str) and _key_host(key) == host and isinstance(name, str):
+                return _from_helper(name, key, path)  # the registry's own: nothing else
+    store = obj.get("credsStore")
+    if isinstance(store, str) and store:
+        found = _from_helper(store, _helper_key(obj.get("auths"), host), path)
+        if found is not None:
+            return found
+    return _from_auths(obj.get("auths"), host, path)
+
+
+def _helper_key(auths: object, host: str) -> str:
+    """What docker hands a store for ``host``: its key in ``auths`` if there is one
+    (``https://index.docker.io/v1/`` for Docker Hub), else the host itself."""
+    if isinstance(auths, dict):
+        for key in auths:
+            if isinstance(key, str) and _key_host(key) == host:
+                return key
+    return host
+
+
+def _from_helper(name: str, server: str, path: Path) -> Credentials | None:
+    """``docker-credential-NAME get`` for ``server``: None if it has none for it."""
+    program = f"docker-credential-{name}"
+    if "/" in name or shutil.which(program) is None:
+        raise RegistryAuthError(f"auth file {path} names credential helper {program}, "
+                                "which is not on PATH")  # fmt: skip
+    try:
+        done = subprocess.run(
+            [program, "get"], input=server.encode(), capture_output=True,
+            timeout=HELPER_TIMEOUT, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise RegistryAuthError(f"credential helper {program} gave no answer in "
+                                f"{HELPER_TIMEOUT:.0f} s") from None  # fmt: skip
+    except OSError as e:
+        raise RegistryAuthError(f"credential helper {program}: {e.strerror}") from None
+    said = " ".join(done.stdout.decode(errors="replace").split())
+    if done.returncode != 0:
+        if "credentials not found" in said.lower():
+            return None
+        why = said or " ".join(done.stderr.decode(errors="replace").split())
+        raise RegistryAuthError(f"credential helper {program} failed: {why[:200] or 'no reason'}")
+    try:
+        obj = json.loads(done.stdout)
+    except ValueError:
+        obj = None
+    user = obj.get("Username") if isinstance(obj, dict) else None
+    secret = obj.get("Secret") if isinstance(obj, dict) else None
+    if not isinstance(user, str) or not isinstance(secret, str):
+        raise RegistryAuthError(f"credential helper {program} answered no Username and Secret")
+    source = f"credential helper {program}"
+    if user == TOKEN_USER:
+        return Credentials("", "", source, identity_token=secret)
+    return Credentials(user, secret, source)
+
+
+def _from_auths(auths: object, host: str, path: Path) -> Credentials | None:
     if not isinstance(auths, dict):
         return None
     for key, entry in auths.items():
         if not isinstance(key, str) or _key_host(key) != host or not isinstance(entry, dict):
             continue
+        token = entry.get("identitytoken")
+        if isinstance(token, str) and token:
+            return Credentials("", "", str(path), identity_token=token)
         encoded = entry.get("auth")
         if isinstance(encoded, str) and encoded:
             try:

@@ -302,6 +302,11 @@ class Registry:
             creds = self._credentials()
             if creds is None:
                 raise RegistryAuthError(self._no_credentials())
+            if creds.identity_token is not None:
+                raise RegistryAuthError(
+                    f"{self.host} asks for a password, and {creds.source} holds an identity "
+                    "token for it (which only a token service takes)"
+                )
             if self._basic and sent:
                 raise RegistryAuthError(self._refused(resp))
             self._check_plain(creds, str(resp.request.url))
@@ -341,13 +346,29 @@ class Registry:
         params += [("scope", s) for s in scope]
         creds = self._credentials()
         headers = {}
+        form: dict[str, str] | None = None
         if creds is not None:
             self._check_plain(creds, realm)
-            headers["Authorization"] = creds.basic()
+            if creds.identity_token is not None:  # OAuth2: a refresh token, POSTed
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "client_id": "puzzlefs",
+                    "scope": " ".join(scope),
+                }
+                if "service" in self._bearer.params:
+                    form["service"] = self._bearer.params["service"]
+            else:
+                headers["Authorization"] = creds.basic()
 
         def once() -> tuple[str, float]:
             try:
-                r = self._http().get(realm, params=params, headers=headers, follow_redirects=True)
+                if form is not None:
+                    r = self._http().post(realm, data=form, follow_redirects=True)
+                else:
+                    r = self._http().get(
+                        realm, params=params, headers=headers, follow_redirects=True
+                    )
             except httpx.TransportError as e:
                 raise _Transient(f"token from {realm}: {_describe(e)}") from None
             if r.status_code in _RETRY_STATUS:
