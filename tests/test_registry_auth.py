@@ -93,3 +93,13 @@ def test_credential_helpers_that_fail_say_so_in_one_line(
     creds = find_credentials("index.docker.io", conf)
     assert creds is not None and (creds.username, creds.password) == ("u", hub)
     assert creds.source == "credential helper docker-credential-hub"
+
+
+def test_docker_hub_is_one_registry_by_any_of_its_names(tmp_path: Path) -> None:
+    enc = base64.b64encode(b"hubuser:pw").decode()
+    conf = tmp_path / "config.json"
+    conf.write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": enc}}}))
+    for host in ("registry-1.docker.io", "docker.io", "index.docker.io"):
+        creds = find_credentials(host, conf)
+        assert creds is not None and creds.username == "hubuser"
+    assert find_credentials("ghcr.io", conf) is None

@@ -440,6 +440,19 @@ def test_references_are_checked() -> None:
     assert ref.reference == "latest"
     ref = parse_remote(f"docker://h:1/x@sha256:{'a' * 64}")
     assert ref.reference == f"sha256:{'a' * 64}"
+    # names as containers/image reads them: no registry part means Docker Hub
+    for text, host, repo in [
+        ("docker://alpine", "registry-1.docker.io", "library/alpine"),
+        ("docker://alpine:3.19", "registry-1.docker.io", "library/alpine"),
+        ("docker://bitnami/redis:7", "registry-1.docker.io", "bitnami/redis"),
+        ("docker://docker.io/ubuntu", "registry-1.docker.io", "library/ubuntu"),
+        ("docker://index.docker.io/a/b", "registry-1.docker.io", "a/b"),
+        ("docker://localhost/x", "localhost", "x"),
+        ("docker://ghcr.io/o/r", "ghcr.io", "o/r"),
+    ]:
+        ref = parse_remote(text)
+        assert (ref.host, ref.repo) == (host, repo), text
+    assert parse_remote("docker://alpine:3.19").tag == "3.19"
     for bad in ["docker://h/../x:v", "docker://h/X:v", "docker://h:99999/x", "docker://h/x:-v",
                 "docker://h/x@sha256:12", "docker:///x", "docker://h/"]:  # fmt: skip
         with pytest.raises(UsageError):

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from puzzlefs.errors import RegistryAuthError
+from puzzlefs.registry._reference import DOCKER_HUB
+
+HUB_KEY = "https://index.docker.io/v1/"  # the key docker keeps Docker Hub's credentials at
 
 __all__ = ["Challenge", "Credentials", "auth_files", "find_credentials", "parse_challenge"]
 
@@ -106,6 +109,7 @@ def _from_file(data: bytes, host: str, path: Path) -> Credentials | None:
         raise RegistryAuthError(f"auth file {path} is not valid JSON") from None
     if not isinstance(obj, dict):
         return None
+    host = _key_host(host)  # as the files' keys are compared: Docker Hub's names as one
     helpers = obj.get("credHelpers")
     if isinstance(helpers, dict):
         for key, name in helpers.items():
@@ -126,7 +130,7 @@ def _helper_key(auths: object, host: str) -> str:
         for key in auths:
             if isinstance(key, str) and _key_host(key) == host:
                 return key
-    return host
+    return HUB_KEY if host == _key_host(HUB_KEY) else host
 
 
 def _from_helper(name: str, server: str, path: Path) -> Credentials | None:
@@ -192,12 +196,14 @@ def _from_auths(auths: object, host: str, path: Path) -> Credentials | None:
 
 
 def _key_host(key: str) -> str:
-    """``https://host:5000/v1/`` and ``host:5000`` both name ``host:5000``."""
+    """``https://host:5000/v1/`` and ``host:5000`` both name ``host:5000``; each of
+    Docker Hub's names names ``docker.io``."""
     for prefix in ("https://", "http://"):
         if key.startswith(prefix):
             key = key[len(prefix) :]
             break
-    return key.split("/", 1)[0]
+    host = key.split("/", 1)[0]
+    return "docker.io" if host in DOCKER_HUB else host
 
 
 def parse_challenge(header: str) -> Challenge | None:

@@ -1,7 +1,10 @@
 """Image references as skopeo names them: ``docker://HOST[:PORT]/REPO[:TAG|@DIGEST]``
 for a registry, ``oci:DIR:TAG`` (or a bare ``DIR:TAG``) for a local layout.
 
-The host is always explicit (there is no default registry here), and every part is
+As containers/image reads a name, its first part is the registry only if it has a
+``.`` or a ``:`` or is ``localhost``; otherwise the registry is Docker Hub, whose
+one-part repositories are under ``library/`` (``docker://alpine`` is
+``docker.io/library/alpine``), served at ``registry-1.docker.io``. Every part is
 checked against the distribution spec's grammar before it goes into a URL or a path.
 """
 
@@ -21,6 +24,9 @@ __all__ = ["LocalRef", "RemoteRef", "is_loopback", "parse_ref", "parse_remote"]
 DOCKER = "docker://"
 OCI = "oci:"
 DEFAULT_TAG = "latest"
+DOCKER_HUB_API = "registry-1.docker.io"  # where Docker Hub's distribution API answers
+# The names Docker Hub goes by (its credentials are kept under https://index.docker.io/v1/).
+DOCKER_HUB = frozenset({"docker.io", "index.docker.io", DOCKER_HUB_API})
 
 # The distribution spec's grammar (distribution/reference).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -76,7 +82,11 @@ def parse_remote(text: str) -> RemoteRef:
         raise UsageError(f"expected docker://HOST/REPO:TAG, got {text!r}")
     rest = text[len(DOCKER) :]
     host, sep, path = rest.partition("/")
-    if not sep or not path:
+    if not sep or not (host == "localhost" or "." in host or ":" in host or "[" in host):
+        host, path = DOCKER_HUB_API, rest  # a name without a registry: Docker Hub's
+    elif host in DOCKER_HUB:
+        host = DOCKER_HUB_API
+    if not path:
         raise UsageError(f"{text!r}: expected docker://HOST[:PORT]/REPO[:TAG]")
     _check_host(host, text)
     digest = None
@@ -93,6 +103,8 @@ def parse_remote(text: str) -> RemoteRef:
             path, tag = name, maybe_tag
             if not _TAG.fullmatch(tag):
                 raise UsageError(f"{text!r}: invalid tag {tag!r}")
+    if host == DOCKER_HUB_API and "/" not in path:
+        path = f"library/{path}"
     if len(path) > MAX_REPO or not _REPO.fullmatch(path):
         raise UsageError(
             f"{text!r}: invalid repository name {path!r} (lowercase letters, digits, "
