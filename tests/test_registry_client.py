@@ -399,6 +399,29 @@ def test_bearer_token_flow(token_registry: RegistryServer, tmp_path: Path) -> No
     assert "token service" in line and "refused" in line
 
 
+def test_a_docker_image_through_the_registry_then_import(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A Docker schema2 image (as docker push makes them) moves as it is, digests kept,
+    as skopeo --preserve-digests does; import reads it from the layout."""
+    from test_import import E, make_tar, write_image
+
+    from puzzlefs.importer import import_image
+
+    layer = make_tar([E("etc", "dir"), E("etc/os-release", data=b"ID=test\n")])
+    write_image(tmp_path / "docker", "d", [(layer, "gzip")], docker=True)
+    ok("push", f"{tmp_path / 'docker'}:d", f"docker://{registry.host}/dock:d")
+    ok("pull", f"docker://{registry.host}/dock:d", f"{tmp_path / 'pulled'}:d")
+    ours, theirs = ImageLayout(tmp_path / "pulled"), ImageLayout(tmp_path / "docker")
+    mine, source = ours.resolve("d"), theirs.resolve("d")  # the same manifest, byte for byte
+    assert (mine.digest, mine.media_type) == (source.digest, source.media_type)
+    a = import_image(tmp_path / "docker", "d", tmp_path / "a", "t")
+    b = import_image(tmp_path / "pulled", "d", tmp_path / "b", "t")
+    assert a.manifest.digest == b.manifest.digest
+    line = fails("extract", f"{tmp_path / 'pulled'}:d", tmp_path / "x")
+    assert "rootfs" in line  # not a puzzlefs image: said in one line
+
+
 def test_identity_token_from_a_credential_helper(
     token_registry: RegistryServer, tmp_path: Path
 ) -> None:

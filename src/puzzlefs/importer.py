@@ -84,22 +84,22 @@ from puzzlefs.oci import (
     ANNOTATION_REF_NAME,
     MEDIA_TYPE_CHUNK,
     MEDIA_TYPE_CHUNK_ZSTD,
-    MEDIA_TYPE_MANIFEST,
     MEDIA_TYPE_ROOTFS,
     Descriptor,
     ImageLayout,
     Manifest,
 )
-from puzzlefs.oci.layout import MAX_JSON_BLOB, MEDIA_TYPE_INDEX, host_architecture, load_json
+from puzzlefs.oci.layout import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_JSON_BLOB,
+    host_architecture,
+    load_json,
+)
 from puzzlefs.progress import Progress
 
 __all__ = ["LayerError", "TarStat", "import_image", "read_image_tree"]
 
-
-MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_TYPE_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-_MANIFEST_TYPES = (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST)
-_INDEX_TYPES = (MEDIA_TYPE_INDEX, MEDIA_TYPE_DOCKER_LIST)
 
 # Layer media type -> compression.
 _LAYER_TYPES = {
@@ -206,11 +206,11 @@ def open_source(src_dir: Path, tag: str) -> _SourceImage:
         raise TagNotFound(f"tag {tag!r} not found in {src_dir} (tags: {known})")
     desc = tags[tag]
     for _ in range(_MAX_INDEX_DEPTH):
-        if desc.media_type not in _INDEX_TYPES:
+        if desc.media_type not in INDEX_TYPES:
             break
         index = _read_json_blob(layout, desc, f"{name}: image index")
         desc = _pick_platform(index, f"{name}: image index {desc.digest}")
-    if desc.media_type not in _MANIFEST_TYPES:
+    if desc.media_type not in MANIFEST_TYPES:
         raise LayerError(f"{name}: unsupported manifest media type {desc.media_type!r}")
     manifest = Manifest.from_bytes(_read_blob(layout, desc, f"{name}: manifest"), name)
     kinds = {d.media_type for d in manifest.layers}

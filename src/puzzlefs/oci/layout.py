@@ -42,6 +42,12 @@ from puzzlefs.oci.store import DiskBlobStore
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
+# Docker's schema2 (docker push writes them): kept as they are, as skopeo
+# --preserve-digests keeps them; import reads them, gc follows them.
+MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_TYPE_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_TYPES = (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST)
+INDEX_TYPES = (MEDIA_TYPE_INDEX, MEDIA_TYPE_DOCKER_LIST)
 MEDIA_TYPE_ROOTFS = "application/vnd.puzzlefs.image.rootfs.v1"
 MEDIA_TYPE_CHUNK = "application/vnd.puzzlefs.image.filedata.v1"
 MEDIA_TYPE_CHUNK_ZSTD = "application/vnd.puzzlefs.image.filedata.v1+zstd"
@@ -449,7 +455,7 @@ class ImageLayout:
         for i, d in enumerate(self.read_index().get("manifests", [])):
             desc = Descriptor.from_json(d, f"index.json manifest {i}")
             tag = desc.annotations.get(ANNOTATION_REF_NAME)
-            if tag is not None and desc.media_type in (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX):
+            if tag is not None and desc.media_type in MANIFEST_TYPES + INDEX_TYPES:
                 out[tag] = desc
         return out
 
@@ -508,7 +514,7 @@ class ImageLayout:
         descriptor with that tag and append the new one, then replace index.json
         atomically. ``lock`` is False when the caller already holds the layout's
         lock."""
-        if media_type not in (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX):
+        if media_type not in MANIFEST_TYPES + INDEX_TYPES:
             raise ImageError(f"a tag names a manifest or an index, not {media_type}")
         with self.locked() if lock else contextlib.nullcontext():
             self.blobs.sync()

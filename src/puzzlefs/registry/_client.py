@@ -45,6 +45,7 @@ from puzzlefs.errors import (
     RegistryUnreachable,
     RemoteNotFound,
 )
+from puzzlefs.oci.layout import INDEX_TYPES, MANIFEST_TYPES, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST
 from puzzlefs.registry._auth import Challenge, Credentials, find_credentials, parse_challenge
 from puzzlefs.registry._reference import is_loopback
 
@@ -54,13 +55,7 @@ log = logging.getLogger(__name__)
 # httpx logs every request at INFO: a mount's log would be all requests.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_ACCEPT = ", ".join(
-    [MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST]
-)
+MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 MAX_MANIFEST = 64 * 1024 * 1024  # what we accept; registries refuse over 4 MiB
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_DELAY = 4.0
@@ -567,8 +562,7 @@ class Registry:
                     f"manifest {what} (Docker-Content-Digest)", header, str(digest)
                 )
             media = r.headers.get("content-type", "").split(";")[0].strip()
-            if media not in (MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST,
-                             MEDIA_DOCKER_LIST):  # fmt: skip
+            if media not in MANIFEST_TYPES + INDEX_TYPES:
                 media = _json_media_type(data) or media
             return media, data, digest
 
@@ -666,8 +660,8 @@ def _json_media_type(data: bytes) -> str | None:
     if isinstance(media, str):
         return media
     if isinstance(obj, dict) and isinstance(obj.get("manifests"), list):
-        return MEDIA_OCI_INDEX
-    return MEDIA_OCI_MANIFEST
+        return MEDIA_TYPE_INDEX
+    return MEDIA_TYPE_MANIFEST
 
 
 def _tls_error(e: BaseException) -> ssl.SSLError | None:

@@ -26,21 +26,15 @@ from typing import Any
 
 from puzzlefs.digest import Digest
 from puzzlefs.errors import ImageError, PuzzleFSError, UsageError
-from puzzlefs.oci import MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, Descriptor, ImageLayout
-from puzzlefs.oci.layout import MAX_JSON_BLOB
+from puzzlefs.oci import Descriptor, ImageLayout
+from puzzlefs.oci.layout import INDEX_TYPES, MANIFEST_TYPES, MAX_JSON_BLOB
 from puzzlefs.oci.store import BlobStore
 from puzzlefs.progress import Progress
-from puzzlefs.registry._client import (
-    MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST,
-    Registry,
-)
+from puzzlefs.registry._client import Registry
 from puzzlefs.registry._reference import RemoteRef
 
 __all__ = ["Image", "TransferReport", "copy_local", "local_image", "pull", "push"]
 
-_MANIFESTS = (MEDIA_TYPE_MANIFEST, MEDIA_DOCKER_MANIFEST)
-_INDEXES = (MEDIA_TYPE_INDEX, MEDIA_DOCKER_LIST)
 MAX_DEPTH = 4  # indexes inside indexes
 IN_MEMORY = 8 << 20  # larger blobs are streamed to and from files
 
@@ -90,7 +84,7 @@ def _children(data: bytes, desc: Descriptor, where: str) -> tuple[list[Descripto
         raise ImageError(f"{where} is not a JSON object")
     raw: list[Any] = []
     manifests: list[Descriptor] = []
-    if desc.media_type in _INDEXES:
+    if desc.media_type in INDEX_TYPES:
         entries = obj.get("manifests")
         if not isinstance(entries, list):
             raise ImageError(f"{where}: an index without a manifests list")
@@ -116,7 +110,7 @@ def _walk(root: Descriptor, read: Callable[[Descriptor], bytes], where: str) -> 
         if desc.digest in seen:
             return
         seen.add(desc.digest)
-        if desc.media_type not in _MANIFESTS + _INDEXES:
+        if desc.media_type not in MANIFEST_TYPES + INDEX_TYPES:
             raise ImageError(f"{what}: {desc.media_type} is not a manifest or an index")
         if depth > MAX_DEPTH:
             raise ImageError(f"{what}: indexes nested deeper than {MAX_DEPTH}")
@@ -251,11 +245,8 @@ def pull(
     wire0 = registry.bytes_in + registry.bytes_out
     with layout.blobs.writing():
         media, data, digest = registry.get_manifest(src.repo, src.reference)
-        if media not in (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX):
-            raise UsageError(
-                f"{src} is a {media}: an OCI layout's tags name OCI manifests and indexes "
-                "(convert it with skopeo copy --format oci)"
-            )
+        if media not in MANIFEST_TYPES + INDEX_TYPES:
+            raise UsageError(f"{src} is a {media}, not an image manifest or index")
         root = Descriptor(media, digest, len(data))
         store = layout.blobs
 
