@@ -153,7 +153,9 @@ def image_blobs(
         # The rootfs cannot say which chunks the image uses; the manifest still can.
         blobs += [_Blob(d.digest, "chunk", d.size, None) for d in manifest.chunk_layers]
         return desc, blobs
-    sizes = {d.digest: d.size for d in manifest.chunk_layers}
+    chunk_layers = manifest.chunk_layers
+    sizes = {d.digest: d.size for d in chunk_layers}
+    zstd_image = is_zstd_image(d.media_type for d in chunk_layers)  # once, not per chunk
     for raw in sorted(used):
         try:
             digest = Digest.from_raw(raw)
@@ -171,7 +173,7 @@ def image_blobs(
                 "chunk",
                 sizes.get(digest),
                 expected.hex() if expected else None,
-                is_zstd_image(d.media_type for d in manifest.chunk_layers),
+                zstd_image,
             )
         )
         if uses is not None:
