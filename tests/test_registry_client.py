@@ -422,6 +422,40 @@ def test_a_docker_image_through_the_registry_then_import(
     assert "rootfs" in line  # not a puzzlefs image: said in one line
 
 
+def test_an_index_of_platforms_gives_this_machines_image(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """As skopeo copies it: this machine's image only, its manifest tagged; --all
+    copies every platform and tags the index."""
+    from test_import import E, Layout, make_tar
+
+    from puzzlefs.importer import import_image
+    from puzzlefs.oci.layout import host_architecture
+
+    src = Layout(tmp_path / "multi")
+    other = "s390x" if host_architecture() != "s390x" else "amd64"
+    here_tar = make_tar([E("etc", "dir"), E("etc/arch", data=host_architecture().encode())])
+    there_tar = make_tar([E("etc", "dir"), E("etc/arch", data=other.encode() * 1000)])
+    there = src.manifest([(there_tar, "gzip")], docker=True, arch=other)
+    here = src.manifest([(here_tar, "gzip")], docker=True)
+    src.tag("m", src.image_index([there, here]))
+    ref = f"docker://{registry.host}/multi:m"
+    ok("push", f"{tmp_path / 'multi'}:m", ref)
+
+    ok("pull", ref, f"{tmp_path / 'one'}:m")
+    one = ImageLayout(tmp_path / "one")
+    assert str(one.resolve("m").digest) == here["digest"]
+    assert not one.blobs.has(Digest.parse(str(there["digest"])))  # not fetched
+    import_image(tmp_path / "one", "m", tmp_path / "imported", "t")
+
+    ok("pull", "--all", ref, f"{tmp_path / 'all'}:m")
+    every = ImageLayout(tmp_path / "all")
+    assert every.resolve("m").media_type == MEDIA_TYPE_INDEX
+    assert every.blobs.has(Digest.parse(str(there["digest"])))
+    ok("gc", tmp_path / "all")  # keeps every platform the index names
+    assert every.blobs.has(Digest.parse(str(there["digest"])))
+
+
 def test_identity_token_from_a_credential_helper(
     token_registry: RegistryServer, tmp_path: Path
 ) -> None:

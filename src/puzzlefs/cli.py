@@ -508,6 +508,7 @@ def _copy(args: argparse.Namespace, src: str, dest: str, verb: str) -> int:
         options,
         mount_from=getattr(args, "mount_from", None),
         progress=Progress(verb),
+        all_platforms=getattr(args, "all", False),
     )
     print(f"{target}: {report.summary('copied' if verb == 'copying' else verb[:-3] + 'ed')}")
     return 0
@@ -527,6 +528,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_copy(args: argparse.Namespace) -> int:
     return _copy(args, args.source, args.dest, "copying")
+
+
+def _add_all_platforms(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="from an index of platforms, copy every platform's image and tag the index "
+        "(default: this machine's image, its manifest tagged, as skopeo copies it)",
+    )
 
 
 def _add_registry_options(p: argparse._ActionsContainer) -> None:
@@ -595,6 +605,7 @@ def _add_registry_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
     )
     pl.add_argument("source", metavar="docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")
     pl.add_argument("image", metavar="OCI_DIR:TAG")
+    _add_all_platforms(pl)
     _add_registry_options(pl)
 
     cp = _command(
@@ -617,6 +628,7 @@ def _add_registry_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         metavar="REPO",
         help="to a registry: mount blobs from this repository of it instead of uploading",
     )
+    _add_all_platforms(cp)
     _add_registry_options(cp)
 
 

@@ -93,8 +93,8 @@ from puzzlefs.oci.layout import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_JSON_BLOB,
-    host_architecture,
     load_json,
+    pick_platform,
 )
 from puzzlefs.progress import Progress
 
@@ -171,26 +171,6 @@ def _read_json_blob(layout: ImageLayout, desc: Descriptor, what: str) -> dict[st
         raise LayerError(str(e)) from None
 
 
-def _platform_of(desc: Descriptor) -> str:
-    p = desc.platform if isinstance(desc.platform, dict) else {}
-    text = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
-    return text + (f"/{p['variant']}" if p.get("variant") else "")
-
-
-def _pick_platform(index: dict[str, Any], where: str) -> Descriptor:
-    manifests = index.get("manifests")
-    if not isinstance(manifests, list):
-        raise LayerError(f"{where}: no manifests list")
-    descs = [Descriptor.from_json(d, f"{where} manifest {i}") for i, d in enumerate(manifests)]
-    arch = host_architecture()
-    for d in descs:
-        p = d.platform if isinstance(d.platform, dict) else {}
-        if p.get("os") == "linux" and p.get("architecture") == arch:
-            return d
-    found = ", ".join(_platform_of(d) for d in descs) or "none"
-    raise LayerError(f"{where} has no image for linux/{arch} (it has: {found})")
-
-
 def open_source(src_dir: Path, tag: str) -> _SourceImage:
     """Resolve ``src_dir:tag`` to its manifest's layers (and the config's diff_ids)."""
     name = f"{src_dir}:{tag}"
@@ -209,7 +189,7 @@ def open_source(src_dir: Path, tag: str) -> _SourceImage:
         if desc.media_type not in INDEX_TYPES:
             break
         index = _read_json_blob(layout, desc, f"{name}: image index")
-        desc = _pick_platform(index, f"{name}: image index {desc.digest}")
+        desc = pick_platform(index, f"{name}: image index {desc.digest}")
     if desc.media_type not in MANIFEST_TYPES:
         raise LayerError(f"{name}: unsupported manifest media type {desc.media_type!r}")
     manifest = Manifest.from_bytes(_read_blob(layout, desc, f"{name}: manifest"), name)

@@ -370,6 +370,39 @@ def split_index_bytes(parts: list[Descriptor]) -> bytes:
     return canonical_json({"manifests": entries, "mediaType": MEDIA_TYPE_INDEX, "schemaVersion": 2})
 
 
+def is_platform_index(index: dict[str, Any]) -> bool:
+    """An index of one image for each of several platforms (every entry says which),
+    as docker and buildx push them; not a puzzlefs image split into parts."""
+    entries = index.get("manifests")
+    return (
+        isinstance(entries, list)
+        and bool(entries)
+        and all(isinstance(e, dict) and isinstance(e.get("platform"), dict) for e in entries)
+    )
+
+
+def pick_platform(index: dict[str, Any], where: str) -> Descriptor:
+    """The entry of an index of platforms for this machine (linux and its architecture),
+    as skopeo and podman choose it."""
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list):
+        raise ImageError(f"{where}: no manifests list")
+    descs = [Descriptor.from_json(d, f"{where} manifest {i}") for i, d in enumerate(manifests)]
+    arch = host_architecture()
+    for d in descs:
+        p = d.platform if isinstance(d.platform, dict) else {}
+        if p.get("os") == "linux" and p.get("architecture") == arch:
+            return d
+    found = ", ".join(_platform_of(d) for d in descs) or "none"
+    raise ImageError(f"{where} has no image for linux/{arch} (it has: {found})")
+
+
+def _platform_of(desc: Descriptor) -> str:
+    p = desc.platform if isinstance(desc.platform, dict) else {}
+    text = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
+    return text + (f"/{p['variant']}" if p.get("variant") else "")
+
+
 def load_json(data: bytes, where: str) -> dict[str, Any]:
     """A JSON object from untrusted bytes (ImageError for anything else)."""
     try:

@@ -41,10 +41,13 @@ def copy_image(
     *,
     mount_from: str | None = None,
     progress: Progress | None = None,
+    all_platforms: bool = False,
 ) -> TransferReport:
     """Copy an image between layouts and registries, in any direction. Registry to
     registry goes through the source's local cache layout (blobs already there are
-    not fetched again), and mounts blobs across repositories of one registry."""
+    not fetched again), and mounts blobs across repositories of one registry. From a
+    registry, an index of platforms gives this machine's image only, unless
+    ``all_platforms``."""
     options = options or ClientOptions()
     if isinstance(src, LocalRef) and isinstance(dest, LocalRef):
         layout = ImageLayout(dest.path, create=True)
@@ -59,14 +62,17 @@ def copy_image(
         cached = cache_dir(src)
         local = [ImageLayout(cached).blobs] if (cached / "oci-layout").exists() else []
         with Registry(src.host, options) as reg:
-            return pull(reg, src, layout, dest.tag, progress=progress, local=local)
+            return pull(
+                reg, src, layout, dest.tag, progress=progress, local=local,
+                all_platforms=all_platforms,
+            )  # fmt: skip
     assert isinstance(src, RemoteRef) and isinstance(dest, RemoteRef)
     if src.digest is None and src.tag is None:
         raise UsageError(f"{src}: name a tag or a digest")
     staging = ImageLayout(cache_dir(src), create=True)
     tag = src.tag or f"sha256-{src.digest.hex if src.digest else ''}"
     with Registry(src.host, options) as reg:
-        pull(reg, src, staging, tag, progress=progress)
+        pull(reg, src, staging, tag, progress=progress, all_platforms=all_platforms)
     same = src.host == dest.host
     with Registry(dest.host, options) as reg:
         return push(

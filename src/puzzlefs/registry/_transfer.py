@@ -25,9 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from puzzlefs.digest import Digest
-from puzzlefs.errors import ImageError, PuzzleFSError, UsageError
+from puzzlefs.errors import DigestMismatch, ImageError, PuzzleFSError, UsageError
 from puzzlefs.oci import Descriptor, ImageLayout
-from puzzlefs.oci.layout import INDEX_TYPES, MANIFEST_TYPES, MAX_JSON_BLOB
+from puzzlefs.oci.layout import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_JSON_BLOB,
+    is_platform_index,
+    load_json,
+    pick_platform,
+)
 from puzzlefs.oci.store import BlobStore
 from puzzlefs.progress import Progress
 from puzzlefs.registry._client import Registry
@@ -236,10 +243,12 @@ def pull(
     *,
     progress: Progress | None = None,
     local: Iterable[BlobStore] = (),
+    all_platforms: bool = False,
 ) -> TransferReport:
     """Fetch ``src`` into ``layout`` under ``tag``. Blobs the layout has are kept and
     not fetched; ``local`` stores (a mount's cache, say) are asked before the
-    registry."""
+    registry. An index of platforms gives this machine's image only (the tag names
+    its manifest), as skopeo copies it, unless ``all_platforms``."""
     others = list(local)
     requests0 = registry.requests
     wire0 = registry.bytes_in + registry.bytes_out
@@ -247,6 +256,17 @@ def pull(
         media, data, digest = registry.get_manifest(src.repo, src.reference)
         if media not in MANIFEST_TYPES + INDEX_TYPES:
             raise UsageError(f"{src} is a {media}, not an image manifest or index")
+        for _ in range(MAX_DEPTH):
+            if all_platforms or media not in INDEX_TYPES:
+                break
+            index = load_json(data, f"image index {src}")
+            if not is_platform_index(index):
+                break
+            chosen = pick_platform(index, f"image index {src}")
+            media, data, digest = registry.get_manifest(src.repo, str(chosen.digest))
+            if digest != chosen.digest or media != chosen.media_type:
+                raise DigestMismatch(f"the chosen platform's manifest of {src}",
+                                     str(chosen.digest), f"{digest} ({media})")  # fmt: skip
         root = Descriptor(media, digest, len(data))
         store = layout.blobs
 
