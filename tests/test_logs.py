@@ -65,3 +65,28 @@ def test_priorities_follow_the_levels() -> None:
     assert SyslogHandler.priority(logging.WARNING) == syslog.LOG_WARNING
     assert SyslogHandler.priority(logging.ERROR + 5) == syslog.LOG_ERR
     assert SyslogHandler.priority(logging.CRITICAL) == syslog.LOG_CRIT
+
+
+DEAD = textwrap.dedent(
+    """
+    import socket
+    from puzzlefs.mount.logs import SYSLOG_SOCKET, log_handler
+
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    gone.bind(SYSLOG_SOCKET)
+    gone.close()  # the socket file stays; nobody listens
+    print(log_handler(None, foreground=False))
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root")
+def test_a_syslog_socket_nobody_listens_on_is_said_at_once() -> None:
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs none /dev && exec "$0" -c "$1"', sys.executable, DEAD],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert "no syslog at /dev/log" in done.stderr

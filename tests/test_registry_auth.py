@@ -81,12 +81,24 @@ def test_credential_helpers_that_fail_say_so_in_one_line(
         'print(\'{"Username": "u", "Secret": "\' + sys.stdin.read() + \'"}\')',
     )
     conf = tmp_path / "config.json"
+    _helper(tmp_path / "bin", "leaky", 'print(\'{"Username": "u", "Secret": "TOP"}\'); sys.exit(1)')
     for store, match in (("locked", "failed: the keyring is locked"),
                          ("junk", "no Username and Secret"),
-                         ("../x", "not on PATH")):  # fmt: skip
+                         ("leaky", "failed: exit status 1")):  # fmt: skip
         conf.write_text(json.dumps({"credsStore": store}))
-        with pytest.raises(RegistryAuthError, match=match):
+        with pytest.raises(RegistryAuthError, match=match) as raised:
             find_credentials("h:5000", conf)
+        assert "TOP" not in str(raised.value)
+    # one that is not installed is passed over (a stale credsStore), and said
+    enc = base64.b64encode(b"u:p").decode()
+    for store in ("desktop", "../x", ""):
+        conf.write_text(json.dumps({"credsStore": store, "auths": {"h:5000": {"auth": enc}}}))
+        missing: list[str] = []
+        creds = find_credentials("h:5000", conf, missing)
+        assert creds is not None and creds.username == "u"
+        assert missing == (
+            [f"docker-credential-{store} (named in {conf}) is not on PATH"] if store else []
+        )
     # a store is asked for the registry as the auths key names it (Docker Hub's URL)
     hub = "https://index.docker.io/v1/"
     conf.write_text(json.dumps({"credsStore": "hub", "auths": {hub: {}}}))

@@ -30,9 +30,15 @@ def log_handler(log_file: str | None, foreground: bool) -> logging.Handler | Non
         return h
     if foreground:
         return None
+    import socket  # (not logging.handlers: socket is the one part of it needed)
+
     try:
         if not stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
             raise OSError(errno.ENOTSOCK, "not a socket")
+        # The C library connects on the first message and drops them all if nobody
+        # listens: find out now, while the terminal can still be told.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(SYSLOG_SOCKET)
     except OSError:
         print(
             f"warning: no syslog at {SYSLOG_SOCKET}: the mount daemon's messages are "

@@ -505,6 +505,8 @@ class ImageLayout:
         manifest with the chunk layers of every part, each part checked against the
         sha256 and size the index gives it."""
         desc = self.resolve(tag)
+        if desc.media_type not in (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX):
+            raise ImageError(f"{tag!r} names a {desc.media_type}: not a puzzlefs image")
         data = self._json_blob(desc, f"manifest of {tag!r}", "index.json")
         if desc.media_type == MEDIA_TYPE_INDEX:
             return desc, data, self._merged(data, tag)

@@ -80,11 +80,15 @@ def auth_files(authfile: str | os.PathLike[str] | None = None) -> list[Path]:
 
 
 def find_credentials(
-    host: str, authfile: str | os.PathLike[str] | None = None
+    host: str,
+    authfile: str | os.PathLike[str] | None = None,
+    missing_helpers: list[str] | None = None,
 ) -> Credentials | None:
     """The first credentials any auth file holds for ``host`` (``name[:port]``).
     An explicit ``authfile`` that cannot be read is an error; the usual places are
-    simply skipped when missing."""
+    simply skipped when missing. A credential helper a file names that is not
+    installed is passed over (a stale ``credsStore`` must not stop anonymous pulls),
+    and said in ``missing_helpers``, for the message should the registry ask."""
     for path in auth_files(authfile):
         try:
             data = path.read_bytes()
@@ -96,13 +100,13 @@ def find_credentials(
             if authfile is not None:
                 raise RegistryAuthError(f"auth file {path}: {e.strerror}") from None
             continue
-        found = _from_file(data, host, path)
+        found = _from_file(data, host, path, missing_helpers)
         if found is not None:
             return found
     return None
 
 
-def _from_file(data: bytes, host: str, path: Path) -> Credentials | None:
+def _from_file(data: bytes, host: str, path: Path, missing: list[str] | None) -> Credentials | None:
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -114,10 +118,10 @@ def _from_file(data: bytes, host: str, path: Path) -> Credentials | None:
     if isinstance(helpers, dict):
         for key, name in helpers.items():
             if isinstance(key, str) and _key_host(key) == host and isinstance(name, str):
-                return _from_helper(name, key, path)  # the registry's own: nothing else
+                return _from_helper(name, key, path, missing)  # the registry's own: only it
     store = obj.get("credsStore")
     if isinstance(store, str) and store:
-        found = _from_helper(store, _helper_key(obj.get("auths"), host), path)
+        found = _from_helper(store, _helper_key(obj.get("auths"), host), path, missing)
         if found is not None:
             return found
     return _from_auths(obj.get("auths"), host, path)
@@ -133,12 +137,16 @@ def _helper_key(auths: object, host: str) -> str:
     return HUB_KEY if host == _key_host(HUB_KEY) else host
 
 
-def _from_helper(name: str, server: str, path: Path) -> Credentials | None:
-    """``docker-credential-NAME get`` for ``server``: None if it has none for it."""
+def _from_helper(
+    name: str, server: str, path: Path, missing: list[str] | None
+) -> Credentials | None:
+    """``docker-credential-NAME get`` for ``server``: None if it has none for it, or
+    is not installed."""
     program = f"docker-credential-{name}"
-    if "/" in name or shutil.which(program) is None:
-        raise RegistryAuthError(f"auth file {path} names credential helper {program}, "
-                                "which is not on PATH")  # fmt: skip
+    if not name or "/" in name or shutil.which(program) is None:
+        if missing is not None:
+            missing.append(f"{program} (named in {path}) is not on PATH")
+        return None
     try:
         done = subprocess.run(
             [program, "get"], input=server.encode(), capture_output=True,
@@ -153,8 +161,12 @@ def _from_helper(name: str, server: str, path: Path) -> Credentials | None:
     if done.returncode != 0:
         if "credentials not found" in said.lower():
             return None
-        why = said or " ".join(done.stderr.decode(errors="replace").split())
-        raise RegistryAuthError(f"credential helper {program} failed: {why[:200] or 'no reason'}")
+        # Its words, unless they may hold the secret (an answer, then a failure).
+        why = " ".join(done.stderr.decode(errors="replace").split())
+        if not why and "secret" not in said.lower():
+            why = said
+        why = why[:200] or f"exit status {done.returncode}"
+        raise RegistryAuthError(f"credential helper {program} failed: {why}")
     try:
         obj = json.loads(done.stdout)
     except ValueError:

@@ -96,6 +96,7 @@ class Registry:
         self.loopback = is_loopback(self.hostname)
         self._creds = self.options.credentials
         self._creds_looked = self._creds is not None
+        self._missing_helpers: list[str] = []  # credential helpers named but not installed
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
         self._pid = 0
@@ -276,7 +277,7 @@ class Registry:
     # -- authentication ----------------------------------------------------------------
     def _credentials(self) -> Credentials | None:
         if not self._creds_looked:
-            self._creds = find_credentials(self.host, self.options.authfile)
+            self._creds = find_credentials(self.host, self.options.authfile, self._missing_helpers)
             self._creds_looked = True
         return self._creds
 
@@ -358,8 +359,8 @@ class Registry:
 
         def once() -> tuple[str, float]:
             try:
-                if form is not None:
-                    r = self._http().post(realm, data=form, follow_redirects=True)
+                if form is not None:  # a redirect would carry the token elsewhere: none
+                    r = self._http().post(realm, data=form, follow_redirects=False)
                 else:
                     r = self._http().get(
                         realm, params=params, headers=headers, follow_redirects=True
@@ -372,6 +373,12 @@ class Registry:
                 who = f"the credentials from {creds.source}" if creds else "anonymous access"
                 raise RegistryAuthError(
                     f"the token service {realm} refused {who} for {' '.join(scope)}"
+                    + ("" if creds else self._helpers_note())
+                )
+            if form is not None and r.is_redirect:
+                raise RegistryAuthError(
+                    f"the token service {realm} sent the identity token's request on to "
+                    f"{r.headers.get('location', '?')[:200]}: not followed"
                 )
             if r.status_code != 200:
                 raise RegistryAuthError(f"the token service {realm} answered {r.status_code}")
@@ -406,7 +413,13 @@ class Registry:
         from puzzlefs.registry._auth import auth_files
 
         where = ", ".join(str(p) for p in auth_files(self.options.authfile))
-        return f"{self.host} asks for credentials and none were found for it (looked in {where})"
+        return (
+            f"{self.host} asks for credentials and none were found for it (looked in {where})"
+            + self._helpers_note()
+        )
+
+    def _helpers_note(self) -> str:
+        return "; " + "; ".join(self._missing_helpers) if self._missing_helpers else ""
 
     def _refused(self, resp: httpx.Response) -> str:
         creds = self._credentials()
