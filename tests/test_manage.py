@@ -222,3 +222,40 @@ def test_verify_without_a_tag_checks_every_tag(tmp_path: Path) -> None:
     assert "two: " in r.stdout and "problem" in r.stdout.split("two: ")[1]
     r = run("verify", "--digest", "00" * 32, str(oci))
     assert r.returncode == 2 and r.stderr.startswith("Error: --digest checks one image")
+
+
+def test_every_tag_means_every_puzzlefs_image(tmp_path: Path) -> None:
+    """A layout that also holds other images (tar layers, Docker's, an index of
+    platforms: what pull and import keep there) is measured and verified for its
+    puzzlefs images; the others are named as passed over, never counted as broken."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_import import E, Layout, make_tar
+
+    oci = tmp_path / "oci"
+    build(tree(tmp_path / "a", 1), oci, "ours")
+    other = Layout(oci)
+    other.index = json.loads((oci / "index.json").read_text())["manifests"]
+    layer = make_tar([E("etc", "dir"), E("etc/hostname", data=b"box\n")])
+    other.tag("tars", other.manifest([(layer, "gzip")]))
+    other.tag("docker", other.manifest([(layer, "gzip")], docker=True))
+    other.tag("multi", other.image_index([other.manifest([(layer, "gzip")])]))
+    layout = ImageLayout(oci)
+    assert layout.puzzlefs_tags() == (["ours"], ["docker", "multi", "tars"])
+    r = run("verify", str(oci))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[:3] == [
+        f"{t}: not a puzzlefs image: skipped" for t in ("docker", "multi", "tars")
+    ]
+    assert r.stdout.splitlines()[3].startswith("ours: ") and r.stdout.endswith(": ok\n")
+    r = run("du", "--json", str(oci))
+    assert r.returncode == 0, r.stderr
+    usage = json.loads(r.stdout)
+    assert [t["tag"] for t in usage["tags"]] == ["ours"]
+    assert usage["skipped"] == ["docker", "multi", "tars"]
+    r = run("du", str(oci))
+    assert "Not counted (not puzzlefs images): docker, multi, tars." in r.stdout
+    r = run("du", str(oci), "tars")  # named: said, in one line
+    assert r.returncode != 0 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1
+    r = run("gc", str(oci))  # keeps what every image needs
+    assert r.returncode == 0 and run("verify", str(oci)).returncode == 0
+    assert run("import", f"{oci}:docker", f"{tmp_path / 'imp'}:t").returncode == 0

@@ -183,9 +183,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if whole_layout:  # every tag
         if args.digest:
             raise UsageError("--digest checks one image: give OCI_DIR:TAG")
-        oci_dir, tags = Path(args.image), sorted(ImageLayout(args.image).tags())
+        oci_dir = Path(args.image)
+        tags, others = ImageLayout(args.image).puzzlefs_tags()
         if not tags:
-            raise UsageError(f"{args.image} has no tags to verify")
+            raise UsageError(f"{args.image} has no puzzlefs images to verify")
+        if not args.json:
+            for tag in others:
+                print(one_line(f"{tag}: not a puzzlefs image: skipped"))
     else:
         oci_dir, tag = _image_ref(args.image)
         tags = [tag]
@@ -253,7 +257,10 @@ def cmd_du(args: argparse.Namespace) -> int:
         f" ({size(result.tar_total)})."
     )
     print("SHARED: stored bytes other listed tags need too; ADDS: what only this tag needs")
-    print("(removing it and running gc frees that much).\n")
+    print("(removing it and running gc frees that much).")
+    if result.skipped:
+        print(one_line(f"Not counted (not puzzlefs images): {', '.join(result.skipped)}."))
+    print()
     print(result.table())
     return 0
 

@@ -499,6 +499,28 @@ class ImageLayout:
             raise TagNotFound(f"tag {tag!r} not found in {self.path} (tags: {known})")
         return tags[tag]
 
+    def puzzlefs_tags(self) -> tuple[list[str], list[str]]:
+        """The tags, sorted, split into those naming puzzlefs images and the others a
+        layout may also hold (an image of tar layers, Docker's, an index of platforms),
+        for commands that go over every tag. A tag whose manifest cannot be read counts
+        as puzzlefs: the command then meets, and says, what is wrong with it."""
+        ours: list[str] = []
+        others: list[str] = []
+        for tag, desc in sorted(self.tags().items()):
+            (ours if self._is_puzzlefs(tag, desc) else others).append(tag)
+        return ours, others
+
+    def _is_puzzlefs(self, tag: str, desc: Descriptor) -> bool:
+        if desc.media_type not in (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX):
+            return False
+        try:
+            data = self._json_blob(desc, f"manifest of {tag!r}", "index.json")
+            if desc.media_type == MEDIA_TYPE_INDEX:
+                return not is_platform_index(load_json(data, "index"))
+            return MEDIA_TYPE_ROOTFS in Manifest.from_bytes(data)._media_types()
+        except ImageError:
+            return True
+
     def read_manifest(self, tag: str) -> tuple[Descriptor, bytes, Manifest]:
         """The tag's descriptor, the bytes it names (the one digest the fs-verity chain
         starts from) and its manifest; for an index of parts, the first part's

@@ -65,6 +65,7 @@ class StoreUsage:
     tags: list[TagUsage]
     unified: int  # bytes of the union of the tags' blobs
     unified_metadata: int
+    skipped: list[str] = field(default_factory=list)  # tags of images not puzzlefs
 
     @property
     def tar_total(self) -> int:
@@ -81,6 +82,7 @@ class StoreUsage:
             "metadata_bytes": self.unified_metadata,
             "tar_bytes": self.tar_total,
             "saved": round(self.saved, 4),
+            "skipped": list(self.skipped),
         }
 
     def table(self) -> str:
@@ -168,7 +170,11 @@ def usage(
     """What each tag stores and shares. ``progress`` counts the tags done (of all) and
     the entries walked (only when it is shown: a call per entry)."""
     layout = ImageLayout(oci_dir)
-    names = tags or sorted(layout.tags())
+    skipped: list[str] = []
+    if tags:
+        names = tags
+    else:  # every tag: those of other images (tar layers, Docker's) are passed over
+        names, skipped = layout.puzzlefs_tags()
     results = []
     if progress is not None:
         progress.expect("tags", len(names))
@@ -204,4 +210,4 @@ def usage(
     for t in results:
         _, blobs = image_blobs(layout, t.tag, [])
         metadata.update(b.digest for b in blobs if b.role != "chunk")
-    return StoreUsage(results, sum(union.values()), sum(union[d] for d in metadata))
+    return StoreUsage(results, sum(union.values()), sum(union[d] for d in metadata), skipped)
