@@ -35,14 +35,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root")
-def test_daemon_messages_reach_syslog_with_priority_and_pid() -> None:
+def _with_own_dev(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a private mount namespace over an empty tmpfs /dev."""
     done = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tmpfs none /dev && exec "$0" -c "$1"', sys.executable, SCRIPT],
+         'mount -t tmpfs none /dev && exec "$0" -c "$1"', sys.executable, script],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root")
+def test_daemon_messages_reach_syslog_with_priority_and_pid() -> None:
+    done = _with_own_dev(SCRIPT)
     lines = done.stdout.splitlines()
     pid = lines[0].split("[", 1)[1].split("]", 1)[0]
     # <facility daemon (3) * 8 + priority>: warning 4, error 3, info 6
@@ -82,11 +88,6 @@ DEAD = textwrap.dedent(
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root")
 def test_a_syslog_socket_nobody_listens_on_is_said_at_once() -> None:
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tmpfs none /dev && exec "$0" -c "$1"', sys.executable, DEAD],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    done = _with_own_dev(DEAD)
     assert done.stdout.strip() == "None"
     assert "no syslog at /dev/log" in done.stderr
