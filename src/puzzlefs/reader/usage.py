@@ -180,6 +180,7 @@ def usage(
         progress.expect("tags", len(names))
         progress.add("tags", 0)
     walked = progress if progress is not None and progress.enabled else None
+    metadata: set[Digest] = set()
     for tag in names:
         problems: list[Problem] = []
         _, blobs = image_blobs(layout, tag, problems)
@@ -194,20 +195,17 @@ def usage(
                 t.chunk_count += 1
             else:
                 t.metadata += size
+                metadata.add(b.digest)
         t.stored = sum(t.blobs.values())
         t.tar, t.files, t.logical = _tar_size(Image(layout, tag), walked)
         results.append(t)
         if progress is not None:
             progress.add("tags")
     union: dict[Digest, int] = {}
-    metadata: set[Digest] = set()
     for t in results:
         union.update(t.blobs)
     for t in results:
         others = set().union(*(o.blobs for o in results if o is not t))
         t.shared = sum(size for d, size in t.blobs.items() if d in others)
         t.adds = t.stored - t.shared
-    for t in results:
-        _, blobs = image_blobs(layout, t.tag, [])
-        metadata.update(b.digest for b in blobs if b.role != "chunk")
     return StoreUsage(results, sum(union.values()), sum(union[d] for d in metadata), skipped)
