@@ -163,7 +163,7 @@ class Manifest:
     thousands of chunks without making an object for each (:meth:`chunk_blobs`).
     """
 
-    __slots__ = ("config", "annotations", "_layers", "_raw")
+    __slots__ = ("config", "annotations", "_layers", "_raw", "_chunk_blobs")
 
     def __init__(
         self,
@@ -175,6 +175,7 @@ class Manifest:
         self.annotations = annotations if annotations is not None else {}
         self._layers: list[Descriptor] | None = list(layers)
         self._raw: list[dict[str, Any]] = []
+        self._chunk_blobs: list[tuple[bytes, int, str]] | None = None
 
     @classmethod
     def _checked(
@@ -278,18 +279,22 @@ class Manifest:
         return [d for d in self.layers if d.media_type in CHUNK_MEDIA_TYPES]
 
     def chunk_blobs(self) -> list[tuple[bytes, int, str]]:
-        """``(raw sha256, size, media type)`` of each chunk layer, in order."""
-        if self._layers is not None:
-            return [
-                (d.digest.raw, d.size, d.media_type)
-                for d in self._layers
-                if d.media_type in CHUNK_MEDIA_TYPES
-            ]
-        return [
-            (Digest.raw_of(d["digest"]), d["size"], t)
-            for d in self._raw
-            if (t := d["mediaType"]) in CHUNK_MEDIA_TYPES
-        ]
+        """``(raw sha256, size, media type)`` of each chunk layer, in order: made once
+        (a mount asks for its stream, its compression and its size), not to be changed."""
+        if self._chunk_blobs is None:
+            if self._layers is not None:
+                self._chunk_blobs = [
+                    (d.digest.raw, d.size, d.media_type)
+                    for d in self._layers
+                    if d.media_type in CHUNK_MEDIA_TYPES
+                ]
+            else:
+                self._chunk_blobs = [
+                    (Digest.raw_of(d["digest"]), d["size"], t)
+                    for d in self._raw
+                    if (t := d["mediaType"]) in CHUNK_MEDIA_TYPES
+                ]
+        return self._chunk_blobs
 
 
 _DESCRIPTOR_KEYS = frozenset(("mediaType", "digest", "size", "annotations", "platform", "data"))
