@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from puzzlefs.digest import Digest
-from puzzlefs.errors import DigestMismatch, ImageError, PuzzleFSError, UsageError
+from puzzlefs.errors import ImageError, PuzzleFSError, UsageError
 from puzzlefs.oci import Descriptor, ImageLayout
 from puzzlefs.oci.layout import (
     INDEX_TYPES,
@@ -263,10 +263,11 @@ def pull(
             if not is_platform_index(index):
                 break
             chosen = pick_platform(index, f"image index {src}")
+            # Asked for by digest: get_manifest checks the bytes against it.
             media, data, digest = registry.get_manifest(src.repo, str(chosen.digest))
-            if digest != chosen.digest or media != chosen.media_type:
-                raise DigestMismatch(f"the chosen platform's manifest of {src}",
-                                     str(chosen.digest), f"{digest} ({media})")  # fmt: skip
+            if media != chosen.media_type:
+                raise ImageError(f"manifest {chosen.digest} of {src} is a {media}; its "
+                                 f"index says {chosen.media_type}")  # fmt: skip
         root = Descriptor(media, digest, len(data))
         store = layout.blobs
 
