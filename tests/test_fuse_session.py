@@ -211,3 +211,26 @@ def test_plain_readdir_and_reads(image_fs: ImageFS) -> None:
     with pytest.raises(FuseError) as e:
         image_fs.getattr(req(_abi.GETATTR, 123456))
     assert e.value.errno == errno.ENOENT
+
+
+def test_readdirplus_gives_attributes_for_directories_only(image_fs: ImageFS) -> None:
+    """A file's entry has node id 0 (the kernel makes no inode for it until it is looked
+    up); a directory's carries its attributes, so a walk descends without a LOOKUP."""
+    tables = image_fs.tables
+    root = tables.attr(tables.root_row)
+    d = tables.attr(tables.lookup(root, b"d") or 0)
+    f = tables.attr(tables.lookup(d, b"f") or 0)
+    plus = _abi.DIRENTPLUS
+    for parent, child, name in ((1, d, b"d"), (d.ino, f, b"f")):
+        body = _abi.READ_IN.pack(0, 0, 4096, 0, 0, 0, 0)
+        reply = bytes(image_fs.readdirplus(req(_abi.READDIRPLUS, parent, body)))  # type: ignore[arg-type]
+        fields = plus.unpack_from(reply)
+        nodeid, mode = fields[0], fields[15]
+        ino, off, namelen, kind = fields[-4:]
+        assert reply[plus.size : plus.size + namelen] == name
+        assert (ino, off, kind) == (child.ino, 1, child.kind >> 12)
+        assert len(reply) == (plus.size + namelen + 7) & ~7
+        if child.kind == stat.S_IFDIR:
+            assert (nodeid, mode) == (child.ino, child.mode)
+        else:
+            assert reply[: plus.size - _abi.DIRENT.size] == bytes(plus.size - _abi.DIRENT.size)
