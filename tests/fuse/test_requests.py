@@ -1,8 +1,8 @@
 """Every request the FUSE layer answers, through a real mount: lookups (positive and
 negative), attributes, listings over many reply buffers, 255-byte names, xattrs with
-the kernel's size protocol, symlinks, mmap and exec, statfs; forgets after the
-kernel drops its caches; concurrent readers; readers interrupted or killed mid-read;
-an unmount asked for while readers run."""
+the kernel's size protocol (and an image with none), symlinks, mmap and exec, statfs;
+forgets after the kernel drops its caches; concurrent readers; readers interrupted or
+killed mid-read; an unmount asked for while readers run."""
 
 from __future__ import annotations
 
@@ -109,6 +109,22 @@ def test_xattrs_and_the_size_protocol(image: str, mount: MountFn) -> None:
             os.getxattr(path, "user.absent")
         assert e.value.errno == errno.ENODATA
         assert os.listxattr(m.path / "data") == []
+
+
+def test_an_image_without_xattrs_says_it_has_none(tmp_path: Path, mount: MountFn) -> None:
+    """No inode has an xattr: getxattr is not supported (the kernel stops asking the
+    daemon), and listxattr lists none."""
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    (root / "f").write_bytes(b"f")
+    build(root, tmp_path / "oci")
+    with mount(f"{tmp_path / 'oci'}:{TAG}") as m:
+        for _ in range(2):
+            with pytest.raises(OSError) as e:
+                os.getxattr(m.path / "f", "user.absent")
+            assert e.value.errno == errno.EOPNOTSUPP
+        assert os.listxattr(m.path / "f") == []
+        assert (m.path / "f").read_bytes() == b"f"
 
 
 def test_statfs_mmap_and_exec(image: str, tree: Path, mount: MountFn) -> None:
