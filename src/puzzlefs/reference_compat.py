@@ -23,11 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from puzzlefs.compression import (
-    SeekableBlob,
-    compress_seekable,
-    compress_seekable_checksummed,
-)
 from puzzlefs.errors import ImageError
 from puzzlefs.oci import MEDIA_TYPE_CHUNK_ZSTD
 from puzzlefs.verity import fsverity_digest
@@ -65,6 +60,8 @@ def raw_chunk_verity_ok(
     """
     if not (referenced_raw and zstd_image):
         return False
+    from puzzlefs.compression import compress_seekable, compress_seekable_checksummed
+
     for compress in (compress_seekable_checksummed, compress_seekable):
         attempt = compress(stored)
         if len(attempt) >= len(stored) and fsverity_digest(attempt) == recorded:
@@ -81,6 +78,8 @@ def compressed_chunk_size_ok(
     the blob's seek table says it decompresses to exactly that size."""
     if not (referenced_compressed and zstd_image):
         return False
+    from puzzlefs.compression import SeekableBlob
+
     try:
         return SeekableBlob(stored).size == descriptor_size
     except ImageError:

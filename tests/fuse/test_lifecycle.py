@@ -109,6 +109,24 @@ def test_unknown_fuse_option(all_types_images: dict[str, str], mountpoint: Path)
     assert_clean(mountpoint)
 
 
+@pytest.mark.parametrize("kind", ["plain", "zstd"])
+def test_only_a_compressed_image_loads_zstd(
+    all_types_images: dict[str, str], all_types_tree: Path, mount: MountFn, kind: str
+) -> None:
+    """The daemon of a plain image never loads the codec (from a cold cache, about
+    15 ms that the first reads of a container would wait for)."""
+    with mount(all_types_images[kind]) as m:
+        read = 0
+        for path in sorted(all_types_tree.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                rel = path.relative_to(all_types_tree)
+                assert (m.path / rel).read_bytes() == path.read_bytes()
+                read += 1
+        assert read
+        maps = Path(f"/proc/{daemon_pids(m.path)[0]}/maps").read_text()
+        assert ("zstandard" in maps) == (kind == "zstd")
+
+
 def test_umount_leaves_the_mountpoint_clean(
     all_types_images: dict[str, str], mountpoint: Path
 ) -> None:

@@ -11,61 +11,27 @@ import bisect
 import io
 import struct
 import threading
-from dataclasses import dataclass
 from itertools import accumulate, chain
 from typing import Protocol
 
 import zstandard
 
-from puzzlefs.errors import ImageError, OptionError
-
-DEFAULT_FRAME_SIZE = 4096
-DEFAULT_LEVEL = 3
-MIN_FRAME_SIZE = 512
-# zstd's highest level short of its "ultra" ones. Frames are written without their size,
-# so a frame header asks the decoder for the level's whole window: up to 8 MiB here, the
-# most the zstd format asks every decoder to support (ultra levels want up to 128 MiB).
-MAX_LEVEL = 19
+from puzzlefs.compression._options import (
+    MAX_CHUNK_SIZE,
+    MAX_FRAME_DECOMPRESSED,
+    MAX_WINDOW_SIZE,
+    REFERENCE_ZSTD,
+    ZstdOptions,
+)
+from puzzlefs.errors import ImageError
 
 SKIPPABLE_MAGIC = 0x184D2A5E
 SEEKABLE_MAGIC = 0x8F92EAB1
 _FOOTER = struct.Struct("<IBI")  # number_of_frames, descriptor, magic
 _SKIP_HEADER = struct.Struct("<II")  # magic, frame length
 _CHECKSUM_FLAG = 0x80
-# The largest chunk there can be: FastCDC's largest maximum (the fastcdc crate's v2020
-# MAXIMUM_MAX; ChunkParams allows no more). A seek table that declares more, in one frame
-# or in all of them, is refused: a 34 KB blob must not make a reader allocate gigabytes.
-# A stored chunk blob is never larger either (a compressed chunk is stored only when it
-# is smaller than the raw one).
-MAX_CHUNK_SIZE = 16 * 1024 * 1024
-MAX_FRAME_DECOMPRESSED = MAX_CHUNK_SIZE
-# The zstd window a decoder needs for level 19 (our MAX_LEVEL), the most the zstd format
-# asks every decoder to support: a frame header asking for more is refused, not obeyed.
-MAX_WINDOW_SIZE = 8 * 1024 * 1024
-
 _FLUSH_FRAME = zstandard.FLUSH_FRAME
 
-
-@dataclass(frozen=True, slots=True)
-class ZstdOptions:
-    """How chunks are compressed. The defaults are the reference's and give its bytes;
-    any other choice stays readable by every reader (each frame is plain zstd, and the
-    seek table says how large each one is)."""
-
-    frame_size: int = DEFAULT_FRAME_SIZE  # uncompressed bytes per independent frame
-    level: int = DEFAULT_LEVEL
-
-    def __post_init__(self) -> None:
-        if not MIN_FRAME_SIZE <= self.frame_size <= MAX_FRAME_DECOMPRESSED:
-            raise OptionError(
-                f"the zstd frame size must be {MIN_FRAME_SIZE} bytes to"
-                f" {MAX_FRAME_DECOMPRESSED >> 20}M, got {self.frame_size}"
-            )
-        if not 1 <= self.level <= MAX_LEVEL:
-            raise OptionError(f"the zstd level must be 1 to {MAX_LEVEL}, got {self.level}")
-
-
-REFERENCE_ZSTD = ZstdOptions()
 
 _local = threading.local()
 

@@ -22,8 +22,9 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from puzzlefs.compression import MAX_CHUNK_SIZE, SeekableBlob
+from puzzlefs.compression import MAX_CHUNK_SIZE
 from puzzlefs.digest import Digest
 from puzzlefs.errors import (
     BlobNotFound,
@@ -37,6 +38,9 @@ from puzzlefs.reader._cache import LRU
 from puzzlefs.reader._readahead import Readahead
 from puzzlefs.reference_compat import raw_chunk_verity_ok
 from puzzlefs.verity import fsverity_digest, measure_verity
+
+if TYPE_CHECKING:
+    from puzzlefs.compression import SeekableBlob
 
 __all__ = ["ChunkReader"]
 
@@ -82,22 +86,26 @@ class ChunkReader:
         self._queue: queue.SimpleQueue[_Key] | None = None  # the loaders' work
         self._lock = threading.Lock()
         self._measure_misses = 0
+        if zstd_image:
+            # The codec, loaded now: a mount makes its reader beside the first requests,
+            # and the first read would otherwise wait for it.
+            import puzzlefs.compression._seekable  # noqa: F401
 
     def read(self, digest: bytes, compressed: bool, offset: int, length: int, end: int) -> bytes:
         """``length`` bytes from ``offset`` of a chunk's uncompressed bytes, where the
         file's piece of that chunk ends at ``end`` (checked against the blob)."""
         blob = self.blob(digest, compressed)
-        size = blob.size if isinstance(blob, SeekableBlob) else len(blob)
+        size = len(blob) if isinstance(blob, bytes) else blob.size
         if end > size:
             raise MetadataError(
                 f"file chunk ending at {end} lies outside blob {digest.hex()} ({size} bytes)"
             )
-        if isinstance(blob, SeekableBlob):
-            try:
-                return blob.read(offset, length, self._frames, digest)
-            except ImageError as e:  # a corrupt frame: say which blob
-                raise ImageError(f"chunk blob {digest.hex()}: {e}") from None
-        return blob[offset : offset + length]
+        if isinstance(blob, bytes):
+            return blob[offset : offset + length]
+        try:
+            return blob.read(offset, length, self._frames, digest)
+        except ImageError as e:  # a corrupt frame: say which blob
+            raise ImageError(f"chunk blob {digest.hex()}: {e}") from None
 
     def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
         """A chunk blob, verified, decoded for random access, cached."""
@@ -139,6 +147,8 @@ class ChunkReader:
         raw_digest, compressed = key
         if not compressed:
             return data
+        from puzzlefs.compression import SeekableBlob  # zstd: only for compressed images
+
         try:
             blob = SeekableBlob(data)
             return blob.read_all() if whole else blob
@@ -253,4 +263,4 @@ class ChunkReader:
 
 
 def _blob_weight(v: bytes | SeekableBlob) -> int:
-    return v.size if isinstance(v, SeekableBlob) else len(v)
+    return len(v) if isinstance(v, bytes) else v.size
