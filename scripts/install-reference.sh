@@ -9,13 +9,19 @@
 # features), and the Debian packages capnproto (its build script runs capnp),
 # libfuse3-dev and pkg-config, installed here when missing.
 # PUZZLEFS_REFERENCE_ROOT overrides the cache (default ~/.cache/puzzlefs-ref).
+#
+# Built --locked, from the Cargo.lock the crate was published with: unlocked, cargo
+# takes the newest zstd-sys of the day, whose libzstd then replaces the one
+# zstd-seekable bundles, and the reference's compressed frames change with the date
+# of the build (tests/compat/test_bytes.py compares them byte for byte).
 set -euo pipefail
 VERSION=0.2.0
 ROOT="${PUZZLEFS_REFERENCE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/puzzlefs-ref}"
 BIN="$ROOT/bin/puzzlefs"
+LOCKED="$ROOT/built-locked"  # a cache built before --locked is built again
 log() { echo "install-reference: $*" >&2; }
 
-if [ -x "$BIN" ] && [ "$("$BIN" --version 2>/dev/null)" = "puzzlefs $VERSION" ]; then
+if [ -x "$BIN" ] && [ -f "$LOCKED" ] && [ "$("$BIN" --version 2>/dev/null)" = "puzzlefs $VERSION" ]; then
     log "using $BIN (cached)"
     echo "$BIN"
     exit 0
@@ -36,7 +42,9 @@ if ! command -v cargo >/dev/null; then
 fi
 start=$SECONDS
 log "building puzzlefs $VERSION into $ROOT ($(cargo --version))"
-RUSTC_BOOTSTRAP=1 cargo install --quiet --force puzzlefs --version "$VERSION" --root "$ROOT" >&2
+rm -f "$LOCKED"
+RUSTC_BOOTSTRAP=1 cargo install --quiet --locked --force puzzlefs --version "$VERSION" --root "$ROOT" >&2
 log "built in $((SECONDS - start)) s"
 [ "$("$BIN" --version)" = "puzzlefs $VERSION" ]
+touch "$LOCKED"
 echo "$BIN"
