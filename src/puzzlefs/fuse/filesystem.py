@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import stat
-import struct
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ from puzzlefs.errors import MetadataError
 from puzzlefs.fuse import _abi
 from puzzlefs.fuse.session import Connection, FuseError, Reply, Request
 from puzzlefs.reader._cache import LRU
-from puzzlefs.reader._tables import ENTRY, INODE, Attr, Tables
+from puzzlefs.reader._tables import ENTRY, INODE, INODE_KIND, Attr, Tables
 
 if TYPE_CHECKING:
     from puzzlefs.reader._data import ChunkReader
@@ -269,7 +268,7 @@ class ImageFS:
         pack_plus, pack_dirent = _abi.DIRENTPLUS.pack_into, _abi.DIRENT.pack_into
         out = bytearray(size)  # zeroed: an entry_out left alone has node id 0
         pos = 0
-        unpack_kind = _INO_MODE.unpack_from
+        unpack_kind = INODE_KIND.unpack_from
         at = entries_at + (first + offset) * entry_size
         for off in range(offset + 1, count + 1):  # a record's off: where the next one is
             row, name_at, name_len, _ = unpack_entry(buf, at)
@@ -279,7 +278,7 @@ class ImageFS:
                 break
             inode_at = inodes_at + row * inode_size
             ino, mode = unpack_kind(buf, inode_at)
-            if plus and mode & _S_IFMT == _S_IFDIR:
+            if plus and mode & _S_IFMT == stat.S_IFDIR:
                 _, isize, _, nlink, uid, gid, _, _, _, _, t, tn, _ = unpack_inode(buf, inode_at)
                 pack_plus(
                     out, pos,
@@ -360,6 +359,5 @@ def _sized(value: bytes, size: int) -> bytes:
     return value
 
 
-_INO_MODE = struct.Struct("<Q8xI")  # the first fields of an INODE record: ino, (size,) mode
-_S_IFMT, _S_IFDIR = stat.S_IFMT(0o177777), stat.S_IFDIR
+_S_IFMT = 0o170000  # the file type bits (stat.S_IFMT, without a call per entry)
 _NEGATIVE = _abi.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))

@@ -58,6 +58,7 @@ MAGIC = b"PZFSIDX\0"
 VERSION = 2
 HEADER = struct.Struct("<8sII" + "Q" * 14 + "32s32s")
 INODE = struct.Struct("<QQIIIIIIIIqII")
+INODE_KIND = struct.Struct("<Q8xI")  # an INODE record's ino and mode (its size skipped)
 ENTRY = struct.Struct("<IIII")
 CHUNK = struct.Struct("<QQII")
 BLOB = struct.Struct("<32s32s")
