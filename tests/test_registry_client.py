@@ -261,6 +261,94 @@ def test_chunked_upload(registry: RegistryServer) -> None:
     assert registry.blob_file(digest.hex).read_bytes() == data
 
 
+def test_a_push_asks_for_each_blob_and_opens_its_upload_in_one_request(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """docker-registry mounts a repository's own blobs into it (201) and opens an
+    upload for one it lacks (202): after the first blob, a push sends no HEADs."""
+    from puzzlefs.registry import push
+
+    src, oci = tmp_path / "src", tmp_path / "oci"
+    make_tree(src)
+    build(src, oci, "v1")
+    blobs = len(open_image(oci, "v1").manifest.layers) + 1  # and the config
+    dest = parse_remote(f"docker://{registry.host}/own/mount:v1")
+    with Registry(registry.host) as reg:
+        report = push(ImageLayout(oci), "v1", reg, dest)
+        assert report.moved == blobs
+        # A ping, a HEAD, a POST and a PUT for the first, the probe, then a POST and
+        # a PUT per blob, and the manifest.
+        assert report.requests <= 2 * blobs + 5
+        assert reg.mounts_own_blobs("own/mount", Digest.of(b"never uploaded")) is False
+        again = push(ImageLayout(oci), "v1", reg, dest)
+        assert again.present == blobs and again.moved == 0
+        assert again.requests <= blobs + 5
+    assert registry.blobs() == all_blobs(oci, "v1")
+
+
+def test_a_registry_that_mounts_nothing_still_skips_what_it_has(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """In front of docker-registry, a proxy that drops every mount request's
+    parameters: the push finds that out on its first blob and asks by HEAD."""
+    import http.client
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posts: list[str] = []
+
+    class NoMounts(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            query = [
+                (k, v) for k, v in urllib.parse.parse_qsl(url.query) if k not in ("mount", "from")
+            ]
+            path = url.path + ("?" + urllib.parse.urlencode(query) if query else "")
+            if self.command == "POST":
+                posts.append(url.query)
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            conn.request(self.command, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                    self.send_header(k, v.replace(registry.host, front_host))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), NoMounts)
+    front_host = f"127.0.0.1:{front.server_address[1]}"
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        src, oci = tmp_path / "src", tmp_path / "oci"
+        make_tree(src)
+        build(src, oci, "v1")
+        n = len(open_image(oci, "v1").manifest.layers) + 1
+        ref = f"docker://{front_host}/no/mounts:v1"
+        assert f"{n} of {n} blobs pushed" in ok("push", f"{oci}:v1", ref)
+        assert sum("mount=" in q for q in posts) == 1  # the probe, then HEADs
+        posts.clear()
+        assert f"0 of {n} blobs pushed" in ok("push", f"{oci}:v1", ref)
+        assert registry.blobs() == all_blobs(oci, "v1")
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
 def test_unreachable_registry_is_one_line(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     make_tree(tmp_path / "src")

@@ -22,6 +22,7 @@ reason to fall back to plain http.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -498,9 +499,17 @@ class Registry:
         chunk_size: int = 8 << 20,
     ) -> str:
         """Upload a blob (``read(offset, length)`` gives its bytes): ``"mounted"`` when
-        the registry mounted it from ``mount_from``, else ``"uploaded"``. Blobs up to
-        ``chunk_size`` go in one PUT, larger ones as PATCHes of that size."""
-        scope = _push(repo) + (_pull(mount_from) if mount_from else ())
+        the registry mounted it from ``mount_from``, ``"present"`` when ``mount_from``
+        is ``repo`` itself and the registry says it has the blob there, else
+        ``"uploaded"``. Blobs up to ``chunk_size`` go in one PUT, larger ones as
+        PATCHes of that size.
+
+        Mounting from the repository itself is an existence check and the start of
+        an upload in one request (a HEAD and a POST otherwise): a registry that has
+        the blob answers 201, one that lacks it (or does not mount) opens the upload
+        session (202), as the distribution spec has it. Only worth asking where
+        :meth:`mounts_own_blobs` said the registry answers so."""
+        scope = _push(repo) + (_pull(mount_from) if mount_from and mount_from != repo else ())
 
         def once() -> str:
             params = {"mount": str(digest), "from": mount_from} if mount_from else None
@@ -510,7 +519,7 @@ class Registry:
             )  # fmt: skip
             r.read()
             if r.status_code == 201 and mount_from:
-                return "mounted"
+                return "present" if mount_from == repo else "mounted"
             _expect(r, (202,), f"starting the upload of {digest} to {self.host}/{repo}")
             location = _location(r)
             if size <= chunk_size:
@@ -540,6 +549,31 @@ class Registry:
             return "uploaded"
 
         result: str = self._retry(once, f"upload of blob {digest.hex[:12]} to {self.host}/{repo}")
+        return result
+
+    def mounts_own_blobs(self, repo: str, digest: Digest) -> bool:
+        """Whether the registry answers a mount of ``digest`` from ``repo`` into
+        ``repo`` itself with 201, given that ``repo`` has that blob (the distribution
+        server does; a registry that does not mount opens an upload session instead,
+        which is then cancelled)."""
+
+        def once() -> bool:
+            r = self._once(
+                "POST", f"/v2/{repo}/blobs/uploads/", _push(repo),
+                params={"mount": str(digest), "from": repo}, content=b"",
+                headers={"Content-Length": "0"},
+            )  # fmt: skip
+            r.read()
+            if r.status_code == 201:
+                return True
+            if r.status_code == 202 and r.headers.get("location"):
+                # An upload session nobody will use: cancel it (a registry that
+                # cannot is left to expire it).
+                with contextlib.suppress(_Transient, RegistryError):
+                    self._once("DELETE", _location(r), _push(repo)).read()
+            return False
+
+        result: bool = self._retry(once, f"mount of blob {digest.hex[:12]} in {repo}")
         return result
 
     # -- manifests ---------------------------------------------------------------------

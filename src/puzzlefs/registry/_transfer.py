@@ -178,27 +178,44 @@ def push(
     requests0 = registry.requests
     wire0 = registry.bytes_in + registry.bytes_out
 
+    # Where the registry mounts a repository's own blobs into it (the distribution
+    # server does), one POST both asks whether it has a blob and, if not, opens its
+    # upload: a fifth less of the registry's work per blob than a HEAD and a POST.
+    # Found out on the first blob, once the registry has it.
+    ask_by_mount = False
+
     def send(desc: Descriptor) -> None:
         size = store.size(desc.digest)
-        if registry.blob_size(dest.repo, desc.digest) is not None:
-            with lock:
-                report.present += 1
-            _tick(progress, 0)
-            return
-        how = registry.upload_blob(
-            dest.repo, desc.digest, size, _reader(store, desc.digest, size), mount_from=mount_from
-        )
+        if ask_by_mount:
+            how = registry.upload_blob(
+                dest.repo, desc.digest, size, _reader(store, desc.digest, size),
+                mount_from=dest.repo,
+            )  # fmt: skip
+        elif registry.blob_size(dest.repo, desc.digest) is not None:
+            how = "present"
+        else:
+            how = registry.upload_blob(
+                dest.repo, desc.digest, size, _reader(store, desc.digest, size),
+                mount_from=mount_from,
+            )  # fmt: skip
         with lock:
-            if how == "mounted":
+            if how == "present":
+                report.present += 1
+            elif how == "mounted":
                 report.mounted += 1
             else:
                 report.moved += 1
                 report.moved_bytes += size
-        _tick(progress, size if how != "mounted" else 0)
+        _tick(progress, size if how == "uploaded" else 0)
 
     registry.base_url()  # one ping (scheme, authentication) before the crowd
+    blobs = image.blobs
+    if blobs:
+        send(blobs[0])
+        # With --mount-from, a HEAD in the repository and a mount from the other.
+        ask_by_mount = mount_from is None and registry.mounts_own_blobs(dest.repo, blobs[0].digest)
     with _pool(registry) as pool:
-        _run_all(pool, [functools.partial(send, d) for d in image.blobs])
+        _run_all(pool, [functools.partial(send, d) for d in blobs[1:]])
     for desc, data in image.manifests[:-1]:  # children, by digest
         registry.put_manifest(dest.repo, str(desc.digest), desc.media_type, data)
         report.manifests += 1
