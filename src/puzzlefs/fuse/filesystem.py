@@ -333,10 +333,7 @@ class ImageFS:
             i += 1
         if pos < end:
             raise MetadataError(f"inode {attr.ino}: its chunks end before its size")
-        data = self.data
-        if len(reads) > 1:  # the loaders fetch the others while this thread fetches the first
-            data.want([(r[0], r[1]) for r in reads[1:]])
-        return [data.read(*r) for r in reads]
+        return self.data.read_request(reads)
 
 
 def _nothing(req: Request) -> Reply:

@@ -107,6 +107,15 @@ class ChunkReader:
         except ImageError as e:  # a corrupt frame: say which blob
             raise ImageError(f"chunk blob {digest.hex()}: {e}") from None
 
+    def read_request(self, reads: list[tuple[bytes, bool, int, int, int]]) -> list[bytes]:
+        """The pieces one read request needs (each as :meth:`read` takes it): the
+        loaders fetch the others while this thread fetches the first, so that a cold
+        read of several chunks waits for the disk once, not once per chunk."""
+        self._readahead.next_request()
+        if len(reads) > 1:
+            self.want([(r[0], r[1]) for r in reads[1:]])
+        return [self.read(*r) for r in reads]
+
     def blob(self, raw_digest: bytes, compressed: bool) -> bytes | SeekableBlob:
         """A chunk blob, verified, decoded for random access, cached."""
         key = (raw_digest, compressed)

@@ -6,8 +6,9 @@ blob at a time leaves the disk idle between requests. Chunks are stored in strea
 tree, so a reader that walks the tree asks for blobs in about that order. When a blob
 asked for follows the previous one in the stream, the next ones are announced to the
 kernel (``POSIX_FADV_WILLNEED``), which reads them in the background, in parallel; the
-window doubles on each sequential step, as the kernel's own page readahead does, and a
-random access gets none.
+window opens when a read request goes on from where the last one ended, then doubles on
+each sequential step, as the kernel's own page readahead does, and a random access gets
+none.
 
 The announcing (open, fadvise, close per blob, which can block on a cold disk) is done
 by a small helper process fed hex digests through a pipe. Measured on a mount, that
@@ -89,11 +90,16 @@ class Readahead:
         self._prefetch = prefetch
         self._queued = -1  # blobs up to here were handed to prefetch
         self._enabled = False
+        self._new_request = True  # no blob accessed yet for the current request
         self._helper: Any = None  # a subprocess.Popen, started lazily
         self._outbox: queue.SimpleQueue[bytes] | None = None  # hints for the helper
 
     def enable(self) -> None:
         self._enabled = True
+
+    def next_request(self) -> None:
+        """The blobs accessed from now on serve a new read request (see accessed)."""
+        self._new_request = True
 
     def accessed(self, digest: bytes, compressed: bool = False) -> bool:
         """A reader uses this blob (cached or not): maybe announce the next ones. True
@@ -113,11 +119,18 @@ class Readahead:
         near: list[bytes] = []
         with self._lock:
             if 0 < pos - self._last <= max(self._window, 2):
-                self._window = min(max(2 * self._window, 4), self._max_window)
+                # The blobs of one large read follow each other in the stream
+                # whatever the reader does next (a program's start-up faults in 1 MiB
+                # of a library here and there): only a request that goes on from
+                # where the last one ended opens the window. Once open, it grows on
+                # every step.
+                if self._window or self._new_request:
+                    self._window = min(max(2 * self._window, 4), self._max_window)
             else:
                 self._window = 0
                 self._hinted = self._queued = pos
             self._last = pos
+            self._new_request = False
             window = self._window
             if self._prefetch is not None and self._queued - pos <= NEAR // 2 and window:
                 start, stop = max(self._queued, pos) + 1, min(pos + 1 + NEAR, len(self._stream))
